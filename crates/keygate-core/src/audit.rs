@@ -1,0 +1,106 @@
+//! The audit event the gateway emits for every request it handles.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
+
+/// What keygate did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// A credential was injected and the request forwarded.
+    Injected,
+    /// Forwarded untouched: no credential applied.
+    Passthrough,
+    /// Refused by policy (auth, host mismatch, plaintext, egress guard…).
+    Denied,
+    /// Failed (upstream unreachable, timeout, internal fault).
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Injected => "injected",
+            Decision::Passthrough => "passthrough",
+            Decision::Denied => "denied",
+            Decision::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Decision> {
+        Some(match s {
+            "injected" => Decision::Injected,
+            "passthrough" => Decision::Passthrough,
+            "denied" => Decision::Denied,
+            "error" => Decision::Error,
+            _ => return None,
+        })
+    }
+
+    /// The decision recorded for a refusal with this code.
+    pub fn for_code(code: ErrorCode) -> Decision {
+        if code.is_denial() {
+            Decision::Denied
+        } else {
+            Decision::Error
+        }
+    }
+}
+
+/// One proxied request (or refused connection). Never carries a secret value
+/// or a query string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    /// The agent's name, when authentication succeeded.
+    pub agent: Option<String>,
+    pub method: String,
+    /// `https` (inside a tunnel), `http` (absolute-form) or `connect` for a
+    /// refused CONNECT.
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    /// The request path without its query string.
+    pub path: String,
+    /// Status returned to the agent (0 when no response could be sent).
+    pub status: u16,
+    pub decision: Decision,
+    /// Stable code when the decision is `denied` or `error`.
+    pub reason: Option<String>,
+    /// Names of the secrets injected.
+    pub secrets: Vec<String>,
+    /// Time from request start to response headers, in microseconds.
+    pub duration_us: u64,
+}
+
+/// Strips a query string and fragment from a request target, for audit.
+pub fn path_without_query(target: &str) -> &str {
+    let end = target.find(['?', '#']).unwrap_or(target.len());
+    &target[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_never_kept() {
+        assert_eq!(path_without_query("/v1/x?key=secret"), "/v1/x");
+        assert_eq!(path_without_query("/v1/x#frag"), "/v1/x");
+        assert_eq!(path_without_query("/v1/x"), "/v1/x");
+    }
+
+    #[test]
+    fn decision_round_trips() {
+        for d in [
+            Decision::Injected,
+            Decision::Passthrough,
+            Decision::Denied,
+            Decision::Error,
+        ] {
+            assert_eq!(Decision::parse(d.as_str()), Some(d));
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The upstream connector for the pooled client: resolve through the egress
+//! guard, dial only checked addresses (next one on failure), then TLS with
+//! the destination's name as SNI and verification against our roots.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use keygate_core::ErrorCode;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::{EgressGuard, GatewayError};
+
+/// Dials upstreams for the pooled hyper client.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    guard: Arc<EgressGuard>,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl UpstreamConnector {
+    pub fn new(
+        guard: Arc<EgressGuard>,
+        tls: Arc<ClientConfig>,
+        connect_timeout: Duration,
+    ) -> UpstreamConnector {
+        UpstreamConnector {
+            guard,
+            tls: TlsConnector::from(tls),
+            connect_timeout,
+        }
+    }
+
+    async fn connect(self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(GatewayError::new(
+                    ErrorCode::BadRequest,
+                    "unsupported upstream scheme",
+                ))
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| GatewayError::new(ErrorCode::BadRequest, "upstream URI has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let addrs = self.guard.resolve(host, port).await?;
+        let mut last_err = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last_err = Some(format!("connect to {addr} failed: {e}")),
+                Err(_) => last_err = Some(format!("connect to {addr} timed out")),
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(GatewayError::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "upstream {host}:{port} unreachable: {}",
+                    last_err.unwrap_or_default()
+                ),
+            ));
+        };
+        let _ = tcp.set_nodelay(true);
+        if !https {
+            return Ok(UpstreamStream::Plain(TokioIo::new(tcp)));
+        }
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            GatewayError::new(ErrorCode::BadRequest, format!("invalid server name {host}"))
+        })?;
+        let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("TLS handshake with {host}:{port} timed out"),
+                )
+            })?
+            .map_err(|e| tls_error(host, port, e))?;
+        Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
+    }
+}
+
+/// Maps a TLS handshake failure to a message that names the cause.
+fn tls_error(host: &str, port: u16, e: io::Error) -> GatewayError {
+    if let Some(rustls::Error::InvalidCertificate(cert)) =
+        e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return GatewayError::new(
+            ErrorCode::UpstreamCertificate,
+            format!("certificate of upstream {host}:{port} failed verification: {cert:?}"),
+        );
+    }
+    GatewayError::new(
+        ErrorCode::UpstreamUnreachable,
+        format!("TLS handshake with upstream {host}:{port} failed: {e}"),
+    )
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamStream;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// A connection to an upstream, plain (for `http://` passthrough) or TLS.
+pub enum UpstreamStream {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(_) => Connected::new(),
+            UpstreamStream::Tls(s) => {
+                let (_, conn) = s.inner().get_ref();
+                if conn.alpn_protocol() == Some(b"h2") {
+                    Connected::new().negotiated_h2()
+                } else {
+                    Connected::new()
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Per-request forwarding: re-authenticate, check the Host, normalise the
+//! path, select and inject credentials, send through the pooled client,
+//! and emit the audit event.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use keygate_core::audit::path_without_query;
+use keygate_core::pattern::parse_authority;
+use keygate_core::select::{any_host_match, select};
+use keygate_core::{
+    normalize_path, AgentEntry, AuditEvent, Decision, ErrorCode, SecretEntry, TokenHash,
+};
+
+use crate::{auth, Body, GatewayError, Shared};
+
+/// The destination the agent asked for (CONNECT or absolute-form authority).
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// Canonical host (lower-case, IDNA ASCII, IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl Destination {
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the audit record needs to know about a request.
+pub(crate) struct RequestLog {
+    method: String,
+    scheme: &'static str,
+    host: String,
+    port: u16,
+    path: String,
+    started: Instant,
+}
+
+impl RequestLog {
+    pub fn new<B>(
+        req: &Request<B>,
+        scheme: &'static str,
+        host: &str,
+        port: u16,
+        started: Instant,
+    ) -> RequestLog {
+        let path = if req.method() == http::Method::CONNECT {
+            String::new()
+        } else {
+            path_without_query(req.uri().path()).to_string()
+        };
+        RequestLog {
+            method: req.method().as_str().to_string(),
+            scheme,
+            host: host.to_string(),
+            port,
+            path,
+            started,
+        }
+    }
+
+    pub fn bare(
+        method: &str,
+        scheme: &'static str,
+        host: &str,
+        port: u16,
+        started: Instant,
+    ) -> RequestLog {
+        RequestLog {
+            method: method.to_string(),
+            scheme,
+            host: host.to_string(),
+            port,
+            path: String::new(),
+            started,
+        }
+    }
+
+    fn event(
+        self,
+        agent: Option<String>,
+        status: u16,
+        decision: Decision,
+        reason: Option<String>,
+        secrets: Vec<String>,
+    ) -> AuditEvent {
+        AuditEvent {
+            ts_ms: keygate_core::now_ms(),
+            agent,
+            method: self.method,
+            scheme: self.scheme.to_string(),
+            host: self.host,
+            port: self.port,
+            path: self.path,
+            status,
+            decision,
+            reason,
+            secrets,
+            duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+async fn emit(shared: &Shared, event: AuditEvent) {
+    if shared.audit.send(event).await.is_err() {
+        tracing::error!("audit channel closed: record lost");
+    }
+}
+
+/// Records a refusal or failure.
+pub(crate) async fn record(
+    shared: &Shared,
+    log: RequestLog,
+    agent: Option<String>,
+    status: u16,
+    err: &GatewayError,
+) {
+    let event = log.event(
+        agent,
+        status,
+        Decision::for_code(err.code),
+        Some(err.code.as_str().to_string()),
+        Vec::new(),
+    );
+    emit(shared, event).await;
+}
+
+/// Records a refusal and returns the error response for it.
+pub(crate) async fn refuse(
+    shared: &Shared,
+    log: RequestLog,
+    agent: Option<String>,
+    err: &GatewayError,
+) -> Response<Body> {
+    tracing::info!(code = %err.code, host = %log.host, "request refused: {}", err.message);
+    record(shared, log, agent, err.code.status(), err).await;
+    err.to_response()
+}
+
+/// Headers that never cross the proxy (hop-by-hop and proxy credentials).
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Checks that the request's Host and URI authority (if any) name the
+/// destination.
+fn check_host<B>(req: &Request<B>, dest: &Destination) -> Result<(), GatewayError> {
+    let mut named = Vec::new();
+    if let Some(a) = req.uri().authority() {
+        named.push(a.as_str().to_string());
+    }
+    for v in req.headers().get_all(header::HOST) {
+        named.push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    for n in named {
+        // A Host without a port means 443 inside TLS.
+        match parse_authority(&n, 443) {
+            Ok((h, p)) if h == dest.host && p == dest.port => {}
+            _ => {
+                return Err(GatewayError::new(
+                    ErrorCode::HostMismatch,
+                    format!(
+                        "request names host {n:?} but the tunnel goes to {}",
+                        dest.authority()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Maps a pooled-client error to the gateway error that names its cause.
+fn upstream_error(e: &hyper_util::client::legacy::Error, dest: &Destination) -> GatewayError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(g) = s.downcast_ref::<GatewayError>() {
+            return g.clone();
+        }
+        source = s.source();
+    }
+    let detail = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| e.to_string());
+    GatewayError::new(
+        ErrorCode::UpstreamUnreachable,
+        format!("upstream {} failed: {detail}", dest.authority()),
+    )
+}
+
+/// Sends a prepared request upstream and turns the outcome into the agent's
+/// response plus one audit event.
+async fn send(
+    shared: &Shared,
+    dest: &Destination,
+    mut req: Request<Incoming>,
+    log: RequestLog,
+    agent: Option<String>,
+    injected: Vec<String>,
+) -> Response<Body> {
+    *req.version_mut() = Version::HTTP_11;
+    let result =
+        tokio::time::timeout(shared.config.response_timeout, shared.client.request(req)).await;
+    let resp = match result {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            let err = upstream_error(&e, dest);
+            return refuse(shared, log, agent, &err).await;
+        }
+        Err(_) => {
+            let err = GatewayError::new(
+                ErrorCode::UpstreamTimeout,
+                format!("upstream {} did not answer in time", dest.authority()),
+            );
+            return refuse(shared, log, agent, &err).await;
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let decision = if injected.is_empty() {
+        Decision::Passthrough
+    } else {
+        Decision::Injected
+    };
+    let event = log.event(agent, parts.status.as_u16(), decision, None, injected);
+    emit(shared, event).await;
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Injects the selected secrets into the request headers, replacing whatever
+/// the agent sent in those headers (its placeholder).
+fn inject(
+    shared: &Shared,
+    headers: &mut HeaderMap,
+    secrets: &[&SecretEntry],
+) -> Result<Vec<String>, GatewayError> {
+    let mut names = Vec::with_capacity(secrets.len());
+    for secret in secrets {
+        let plaintext = shared
+            .vault
+            .open(&secret.id, secret.version, &secret.sealed)
+            .map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::Internal,
+                    format!("secret {:?} cannot be decrypted", secret.name),
+                )
+            })?;
+        let rendered = secret.format.render(&plaintext);
+        let mut value = HeaderValue::from_bytes(&rendered).map_err(|_| {
+            GatewayError::new(
+                ErrorCode::Internal,
+                format!("secret {:?} is not a valid header value", secret.name),
+            )
+        })?;
+        value.set_sensitive(true);
+        let name = HeaderName::from_bytes(secret.header.as_bytes()).map_err(|_| {
+            GatewayError::new(ErrorCode::Internal, "invalid header name in secret")
+        })?;
+        headers.insert(name, value);
+        names.push(secret.name.clone());
+    }
+    Ok(names)
+}
+
+/// A request inside a tunnel (or an absolute-form `https://` request): the
+/// credentialed path.
+pub(crate) async fn forward_https(
+    shared: &Arc<Shared>,
+    dest: &Destination,
+    token_hash: Option<TokenHash>,
+    req: Request<Incoming>,
+    log: RequestLog,
+) -> Response<Body> {
+    // Revocation takes effect on the next request, even inside a tunnel.
+    let agent: Arc<AgentEntry> =
+        match auth::authenticate(&shared.snapshot.load(), token_hash.as_ref()) {
+            Ok(a) => a,
+            Err(err) => return refuse(shared, log, None, &err).await,
+        };
+    let name = Some(agent.name.clone());
+    if let Err(err) = check_host(&req, dest) {
+        return refuse(shared, log, name, &err).await;
+    }
+    let rules = agent.grants.iter().map(|s| s.as_ref());
+    let raw_path = req.uri().path().to_string();
+    let (path, selected) = match normalize_path(&raw_path) {
+        Ok(p) => {
+            let selected = select(rules, &dest.host, dest.port, &p);
+            (p, selected)
+        }
+        Err(e) => {
+            if any_host_match(rules, &dest.host, dest.port, false) {
+                let code = match e {
+                    keygate_core::PathError::Ambiguous(_) => ErrorCode::PathAmbiguous,
+                    keygate_core::PathError::Invalid(_) => ErrorCode::BadRequest,
+                };
+                let err = GatewayError::new(code, format!("request path refused: {e}"));
+                return refuse(shared, log, name, &err).await;
+            }
+            // No credential could apply: forward exactly what was sent.
+            (raw_path, Vec::new())
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    let target = match parts.uri.query() {
+        Some(q) => format!("https://{}{}?{}", dest.authority(), path, q),
+        None => format!("https://{}{}", dest.authority(), path),
+    };
+    parts.uri = match target.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            let err = GatewayError::new(ErrorCode::BadRequest, "invalid request target");
+            return refuse(shared, log, name, &err).await;
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI,
+    // which names the destination we checked.
+    parts.headers.remove(header::HOST);
+    let injected = match inject(shared, &mut parts.headers, &selected) {
+        Ok(n) => n,
+        Err(err) => return refuse(shared, log, name, &err).await,
+    };
+    let req = Request::from_parts(parts, body);
+    send(shared, dest, req, log, name, injected).await
+}
+
+/// An absolute-form `http://` request: forwarded untouched unless a
+/// credential would apply, in which case it is refused (never plaintext).
+pub(crate) async fn forward_plain(
+    shared: &Arc<Shared>,
+    dest: &Destination,
+    agent: Arc<AgentEntry>,
+    req: Request<Incoming>,
+    log: RequestLog,
+) -> Response<Body> {
+    let name = Some(agent.name.clone());
+    // Whatever the port, a granted secret for this host and path means the
+    // agent meant the credentialed API: refuse rather than send it in clear.
+    let would_apply = match normalize_path(req.uri().path()) {
+        Ok(p) => agent
+            .grants
+            .iter()
+            .any(|s| s.host.matches_host(&dest.host) && s.path.matches(&p)),
+        Err(_) => any_host_match(agent.grants.iter().map(|s| s.as_ref()), &dest.host, dest.port, true),
+    };
+    if would_apply {
+        let err = GatewayError::new(
+            ErrorCode::PlaintextRefused,
+            format!(
+                "a credential applies to {} but the request is plaintext http://: use https://",
+                dest.host
+            ),
+        );
+        return refuse(shared, log, name, &err).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let req = Request::from_parts(parts, body);
+    send(shared, dest, req, log, name, Vec::new()).await
+}

@@ -1,0 +1,91 @@
+//! Inside a CONNECT tunnel: TLS accept with a leaf for the CONNECT host (the
+//! SNI must name that same host), then HTTP/1.1 or HTTP/2 (by ALPN) with
+//! every request forwarded by [`crate::forward::forward_https`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use keygate_core::pattern::canonical_host;
+use keygate_core::{ErrorCode, TokenHash};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::forward::{self, Destination, RequestLog};
+use crate::{GatewayError, Shared};
+
+/// Runs one tunnel to completion.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    upgraded: Upgraded,
+    dest: Destination,
+    token_hash: TokenHash,
+) {
+    let started = Instant::now();
+    let io = TokioIo::new(upgraded);
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let handshake = async {
+        let start = acceptor.await.map_err(|e| {
+            GatewayError::new(ErrorCode::ClientTls, format!("TLS ClientHello: {e}"))
+        })?;
+        if let Some(sni) = start.client_hello().server_name() {
+            let same = canonical_host(sni).map(|s| s == dest.host).unwrap_or(false);
+            if !same {
+                return Err(GatewayError::new(
+                    ErrorCode::HostMismatch,
+                    format!("TLS SNI {sni:?} does not match the CONNECT host {}", dest.host),
+                ));
+            }
+        }
+        let config = shared.leaves.server_config(&dest.host)?;
+        start
+            .into_stream(config)
+            .await
+            .map_err(|e| GatewayError::new(ErrorCode::ClientTls, format!("TLS handshake: {e}")))
+    };
+    let tls = match tokio::time::timeout(shared.config.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!(host = %dest.host, error = %err, "tunnel handshake refused");
+            let agent = shared
+                .snapshot
+                .load()
+                .agent(&token_hash)
+                .map(|a| a.name.clone());
+            let log = RequestLog::bare("CONNECT", "https", &dest.host, dest.port, started);
+            forward::record(&shared, log, agent, 0, &err).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(host = %dest.host, "tunnel handshake timed out");
+            return;
+        }
+    };
+
+    let dest = Arc::new(dest);
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let dest = dest.clone();
+        async move {
+            let log = RequestLog::new(&req, "https", &dest.host, dest.port, Instant::now());
+            Ok::<_, Infallible>(
+                forward::forward_https(&shared, &dest, Some(token_hash), req, log).await,
+            )
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_read_timeout);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(error = %e, "tunnel connection ended with an error");
+    }
+}

@@ -1,0 +1,333 @@
+//! The audit log: a batch writer fed by a bounded channel (off the hot path),
+//! a SHA-256 hash chain over every record, queries and chain verification.
+
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use keygate_core::AuditEvent;
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::mpsc;
+
+use crate::{Store, StoreError};
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const BATCH: usize = 512;
+
+/// One stored audit record, as the API and CLI show it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub agent: Option<String>,
+    pub method: String,
+    pub scheme: String,
+    pub host: String,
+    pub port: i64,
+    pub path: String,
+    pub status: i64,
+    pub decision: String,
+    pub reason: Option<String>,
+    pub secrets: Vec<String>,
+    pub duration_us: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditRecord {
+    fn from_event(seq: i64, e: &AuditEvent, prev_hash: String) -> AuditRecord {
+        let mut r = AuditRecord {
+            seq,
+            ts_ms: e.ts_ms,
+            agent: e.agent.clone(),
+            method: e.method.clone(),
+            scheme: e.scheme.clone(),
+            host: e.host.clone(),
+            port: i64::from(e.port),
+            path: e.path.clone(),
+            status: i64::from(e.status),
+            decision: e.decision.as_str().to_string(),
+            reason: e.reason.clone(),
+            secrets: e.secrets.clone(),
+            duration_us: i64::try_from(e.duration_us).unwrap_or(i64::MAX),
+            prev_hash,
+            hash: String::new(),
+        };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    /// SHA-256 over the previous hash and every field, in a fixed order and
+    /// an unambiguous (JSON array) encoding.
+    pub fn compute_hash(&self) -> String {
+        let body = serde_json::json!([
+            self.seq,
+            self.ts_ms,
+            self.agent,
+            self.method,
+            self.scheme,
+            self.host,
+            self.port,
+            self.path,
+            self.status,
+            self.decision,
+            self.reason,
+            self.secrets,
+            self.duration_us,
+        ]);
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(self.prev_hash.as_bytes());
+        ctx.update(b"\n");
+        ctx.update(body.to_string().as_bytes());
+        hex::encode(ctx.finish().as_ref())
+    }
+}
+
+/// Filters for [`Store::audit_query`]. Newest first unless `after_seq` is
+/// given (then oldest first, for `--follow`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub agent: Option<String>,
+    pub decision: Option<String>,
+    pub host: Option<String>,
+    pub before_seq: Option<i64>,
+    pub after_seq: Option<i64>,
+    pub since_ms: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+/// Result of walking the hash chain.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub records: i64,
+    /// First record whose hash or link does not match, if any.
+    pub first_bad_seq: Option<i64>,
+    pub message: String,
+}
+
+/// Drains audit events from the gateway's channel and writes them in
+/// batches, extending the hash chain.
+pub struct AuditWriter {
+    store: Store,
+    rx: mpsc::Receiver<AuditEvent>,
+    next_seq: i64,
+    prev_hash: String,
+}
+
+impl AuditWriter {
+    /// Runs until every sender is dropped, then flushes what is left.
+    pub async fn run(mut self) {
+        let mut events = Vec::with_capacity(BATCH);
+        while self.rx.recv_many(&mut events, BATCH).await > 0 {
+            self.write_batch(&events).await;
+            events.clear();
+        }
+    }
+
+    async fn write_batch(&mut self, events: &[AuditEvent]) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.try_write(events).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, batch = events.len(), "audit write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // Another writer may have extended the chain.
+                    if let Ok((seq, hash)) = chain_tail(&self.store).await {
+                        self.next_seq = seq + 1;
+                        self.prev_hash = hash;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_write(&mut self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        let mut seq = self.next_seq;
+        let mut prev = self.prev_hash.clone();
+        let mut tx = self.store.pool().begin().await?;
+        for e in events {
+            let r = AuditRecord::from_event(seq, e, prev);
+            sqlx::query(
+                "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .bind(r.seq)
+            .bind(r.ts_ms)
+            .bind(r.agent.clone())
+            .bind(&r.method)
+            .bind(&r.scheme)
+            .bind(&r.host)
+            .bind(r.port)
+            .bind(&r.path)
+            .bind(r.status)
+            .bind(&r.decision)
+            .bind(r.reason.clone())
+            .bind(serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into()))
+            .bind(r.duration_us)
+            .bind(&r.prev_hash)
+            .bind(&r.hash)
+            .execute(&mut *tx)
+            .await?;
+            prev = r.hash;
+            seq += 1;
+        }
+        tx.commit().await?;
+        self.next_seq = seq;
+        self.prev_hash = prev;
+        Ok(())
+    }
+}
+
+async fn chain_tail(store: &Store) -> Result<(i64, String), StoreError> {
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(store.pool())
+            .await?;
+    Ok(row.unwrap_or((0, GENESIS.to_string())))
+}
+
+fn record_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord, StoreError> {
+    let secrets: String = row.try_get("secrets")?;
+    Ok(AuditRecord {
+        seq: row.try_get("seq")?,
+        ts_ms: row.try_get("ts_ms")?,
+        agent: row.try_get("agent")?,
+        method: row.try_get("method")?,
+        scheme: row.try_get("scheme")?,
+        host: row.try_get("host")?,
+        port: row.try_get("port")?,
+        path: row.try_get("path")?,
+        status: row.try_get("status")?,
+        decision: row.try_get("decision")?,
+        reason: row.try_get("reason")?,
+        secrets: serde_json::from_str(&secrets)
+            .map_err(|_| StoreError::Corrupt("audit secrets column".into()))?,
+        duration_us: row.try_get("duration_us")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+const COLUMNS: &str = "seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash";
+
+impl Store {
+    /// A writer that continues the chain from the last stored record.
+    pub async fn audit_writer(
+        &self,
+        rx: mpsc::Receiver<AuditEvent>,
+    ) -> Result<AuditWriter, StoreError> {
+        let (seq, hash) = chain_tail(self).await?;
+        Ok(AuditWriter {
+            store: self.clone(),
+            rx,
+            next_seq: seq + 1,
+            prev_hash: hash,
+        })
+    }
+
+    /// Audit records matching `filter` (index-backed keyset paging on seq).
+    pub async fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM audit WHERE 1=1");
+        let mut binds: Vec<Bind> = Vec::new();
+        let mut push = |clause: &str, b: Bind, sql: &mut String| {
+            binds.push(b);
+            sql.push_str(&format!(" AND {clause} ${}", binds.len()));
+        };
+        if let Some(a) = &filter.agent {
+            push("agent =", Bind::Text(a.clone()), &mut sql);
+        }
+        if let Some(d) = &filter.decision {
+            push("decision =", Bind::Text(d.clone()), &mut sql);
+        }
+        if let Some(h) = &filter.host {
+            push("host =", Bind::Text(h.to_ascii_lowercase()), &mut sql);
+        }
+        if let Some(s) = filter.before_seq {
+            push("seq <", Bind::Int(s), &mut sql);
+        }
+        if let Some(s) = filter.after_seq {
+            push("seq >", Bind::Int(s), &mut sql);
+        }
+        if let Some(t) = filter.since_ms {
+            push("ts_ms >=", Bind::Int(t), &mut sql);
+        }
+        let order = if filter.after_seq.is_some() { "ASC" } else { "DESC" };
+        let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
+        sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = match b {
+                Bind::Text(s) => q.bind(s),
+                Bind::Int(i) => q.bind(i),
+            };
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    /// Walks the whole chain in seq order and reports the first record whose
+    /// stored hash, link to its predecessor or sequence number is wrong.
+    pub async fn audit_verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut prev_hash = GENESIS.to_string();
+        let mut expected_seq = 1;
+        let mut count = 0;
+        loop {
+            let rows = sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM audit WHERE seq >= $1 ORDER BY seq ASC LIMIT 5000"
+            ))
+            .bind(expected_seq)
+            .fetch_all(self.pool())
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let r = record_from_row(row)?;
+                let bad = |msg: String| VerifyReport {
+                    ok: false,
+                    records: count,
+                    first_bad_seq: Some(r.seq),
+                    message: msg,
+                };
+                if r.seq != expected_seq {
+                    return Ok(bad(format!(
+                        "record {} is missing (next stored record is {})",
+                        expected_seq, r.seq
+                    )));
+                }
+                if r.prev_hash != prev_hash {
+                    return Ok(bad(format!(
+                        "record {} does not link to the record before it",
+                        r.seq
+                    )));
+                }
+                if r.compute_hash() != r.hash {
+                    return Ok(bad(format!("record {} was modified", r.seq)));
+                }
+                prev_hash = r.hash;
+                expected_seq += 1;
+                count += 1;
+            }
+        }
+        Ok(VerifyReport {
+            ok: true,
+            records: count,
+            first_bad_seq: None,
+            message: format!("{count} records, hash chain intact"),
+        })
+    }
+
+    /// Executes raw SQL; for tests that tamper with the database.
+    #[doc(hidden)]
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
+        Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
+    }
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}

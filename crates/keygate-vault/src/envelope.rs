@@ -1,0 +1,465 @@
+//! AES-256-GCM envelope encryption of secret values.
+//!
+//! Layout of a [`SealedSecret`]:
+//!
+//! * `wrapped_key` = nonce (12) ‖ AES-256-GCM(master key, data key (32)) ‖ tag (16)
+//! * `ciphertext`  = nonce (12) ‖ AES-256-GCM(data key, value) ‖ tag (16)
+//!
+//! Each seal draws a fresh random data key, used for exactly one encryption.
+//! Both layers bind the secret id and version through the AAD, with a
+//! different purpose label per layer so the two cannot be swapped.
+
+use std::fmt;
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use keygate_core::snapshot::SealedSecret;
+use zeroize::Zeroizing;
+
+use crate::master::MasterKey;
+use crate::VaultError;
+
+const DATA_KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+const WRAPPED_KEY_LEN: usize = NONCE_LEN + DATA_KEY_LEN + TAG_LEN;
+
+/// Version/domain prefix of every AAD.
+const AAD_DOMAIN: &[u8] = b"keygate/v1";
+const PURPOSE_DATA_KEY: &[u8] = b"data-key";
+const PURPOSE_VALUE: &[u8] = b"value";
+const PURPOSE_BLOB: &[u8] = b"blob";
+
+/// Encrypts and decrypts secret values under a master key.
+pub struct Vault {
+    master: MasterKey,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field("key_id", &self.master.id())
+            .finish()
+    }
+}
+
+impl Vault {
+    pub fn new(master: MasterKey) -> Vault {
+        Vault { master }
+    }
+
+    /// Id of the master key (see [`MasterKey::id`]); stored in every `SealedSecret`.
+    pub fn key_id(&self) -> String {
+        self.master.id()
+    }
+
+    /// Fresh random 256-bit data key per call; value encrypted AES-256-GCM under the data key; data key wrapped AES-256-GCM
+    /// under the master key. Both with random 96-bit nonces stored as prefix, and AAD binding "keygate/v1" + secret_id + version
+    /// (length-prefixed so ("ab",1) and ("a","b1")-style confusions are impossible). Data key zeroized after use.
+    pub fn seal(
+        &self,
+        secret_id: &str,
+        version: i64,
+        plaintext: &[u8],
+    ) -> Result<SealedSecret, VaultError> {
+        let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+        crate::fill_random(&mut data_key[..]);
+        let ciphertext = aead_seal(
+            &data_key[..],
+            &aad(PURPOSE_VALUE, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            plaintext,
+        )?;
+        let wrapped_key = self.wrap_data_key(secret_id, version, &data_key[..], &self.master)?;
+        Ok(SealedSecret {
+            key_id: self.master.id(),
+            wrapped_key,
+            ciphertext,
+        })
+    }
+
+    /// Reverse of seal. Any tampering (bytes, id, version, other master key, key_id mismatch) → VaultError::Decrypt (no detail leak).
+    pub fn open(
+        &self,
+        secret_id: &str,
+        version: i64,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let data_key = self.unwrap_data_key(secret_id, version, sealed)?;
+        aead_open(
+            &data_key[..],
+            &aad(PURPOSE_VALUE, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &sealed.ciphertext,
+        )
+    }
+
+    /// Re-wraps the data key under `new_master` without touching the ciphertext (for `keygate key rotate`); returns the new SealedSecret with new key_id.
+    ///
+    /// Fails with [`VaultError::Decrypt`] if the data key does not unwrap
+    /// under this vault's master key for `secret_id`/`version`. The value
+    /// itself is not decrypted.
+    pub fn rewrap(
+        &self,
+        secret_id: &str,
+        version: i64,
+        sealed: &SealedSecret,
+        new_master: &MasterKey,
+    ) -> Result<SealedSecret, VaultError> {
+        let data_key = self.unwrap_data_key(secret_id, version, sealed)?;
+        let wrapped_key = self.wrap_data_key(secret_id, version, &data_key[..], new_master)?;
+        Ok(SealedSecret {
+            key_id: new_master.id(),
+            wrapped_key,
+            ciphertext: sealed.ciphertext.clone(),
+        })
+    }
+
+    /// Generic small-blob wrap/unwrap under the master key with a caller-given AAD label (used to store the token-hash key in the DB).
+    ///
+    /// Output: nonce (12) ‖ ciphertext ‖ tag (16). The label must be given
+    /// again, identically, to [`Vault::unwrap_blob`].
+    pub fn wrap_blob(&self, label: &str, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        aead_seal(
+            &self.master.bytes()[..],
+            &aad(PURPOSE_BLOB, &[label.as_bytes()]),
+            plaintext,
+        )
+    }
+
+    /// Reverse of [`Vault::wrap_blob`]; wrong label, other master key or any
+    /// modification → [`VaultError::Decrypt`].
+    pub fn unwrap_blob(&self, label: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        aead_open(
+            &self.master.bytes()[..],
+            &aad(PURPOSE_BLOB, &[label.as_bytes()]),
+            wrapped,
+        )
+    }
+
+    fn wrap_data_key(
+        &self,
+        secret_id: &str,
+        version: i64,
+        data_key: &[u8],
+        master: &MasterKey,
+    ) -> Result<Vec<u8>, VaultError> {
+        aead_seal(
+            &master.bytes()[..],
+            &aad(PURPOSE_DATA_KEY, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            data_key,
+        )
+    }
+
+    fn unwrap_data_key(
+        &self,
+        secret_id: &str,
+        version: i64,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, VaultError> {
+        if sealed.key_id != self.master.id() || sealed.wrapped_key.len() != WRAPPED_KEY_LEN {
+            return Err(VaultError::Decrypt);
+        }
+        let opened = aead_open(
+            &self.master.bytes()[..],
+            &aad(PURPOSE_DATA_KEY, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &sealed.wrapped_key,
+        )?;
+        let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+        if opened.len() != DATA_KEY_LEN {
+            return Err(VaultError::Decrypt);
+        }
+        key.copy_from_slice(&opened);
+        Ok(key)
+    }
+}
+
+/// AAD = "keygate/v1" ‖ purpose ‖ fields, each as u32-BE length ‖ bytes.
+/// Length prefixes make the encoding injective.
+fn aad(purpose: &[u8], fields: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        4 * (2 + fields.len())
+            + AAD_DOMAIN.len()
+            + purpose.len()
+            + fields.iter().map(|f| f.len()).sum::<usize>(),
+    );
+    for part in [AAD_DOMAIN, purpose].into_iter().chain(fields.iter().copied()) {
+        // Ids and labels are far below 4 GiB; saturate rather than panic.
+        let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// nonce ‖ AES-256-GCM(key, plaintext, aad) ‖ tag, with a random nonce.
+fn aead_seal(key: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Encrypt)?);
+    let mut nonce = [0u8; NONCE_LEN];
+    crate::fill_random(&mut nonce);
+    // Exact capacity: the buffer briefly holds plaintext and must not be
+    // reallocated (that would leave a copy behind in freed memory).
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let sealed = key.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut out[NONCE_LEN..],
+    );
+    match sealed {
+        Ok(tag) => {
+            out.extend_from_slice(tag.as_ref());
+            Ok(out)
+        }
+        Err(_) => {
+            // Do not leave the plaintext copy around.
+            zeroize::Zeroize::zeroize(&mut out);
+            Err(VaultError::Encrypt)
+        }
+    }
+}
+
+/// Reverse of [`aead_seal`]. Every failure is `Decrypt`.
+fn aead_open(key: &[u8], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
+        return Err(VaultError::Decrypt);
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Decrypt)?);
+    let (nonce, body) = sealed.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
+    let mut buf = Zeroizing::new(body.to_vec());
+    let plain_len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf[..])
+        .map_err(|_| VaultError::Decrypt)?
+        .len();
+    buf.truncate(plain_len);
+    Ok(buf)
+}
+
+/// Last 4 characters of the secret (for listings: "…k9Xz"); if the secret is shorter than 12 bytes return "" (don't reveal a large fraction). Non-UTF-8 → "".
+///
+/// Returns just the characters (e.g. `"k9Xz"`); the caller adds the ellipsis.
+/// Also returns "" if any of those characters is a control character, so a
+/// listing never prints terminal escapes or line breaks.
+pub fn suffix_hint(plaintext: &[u8]) -> String {
+    if plaintext.len() < 12 {
+        return String::new();
+    }
+    let Ok(s) = std::str::from_utf8(plaintext) else {
+        return String::new();
+    };
+    let mut tail: Vec<char> = s.chars().rev().take(4).collect();
+    if tail.iter().any(|c| c.is_control()) {
+        return String::new();
+    }
+    tail.reverse();
+    tail.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vault() -> Vault {
+        Vault::new(MasterKey::generate())
+    }
+
+    fn assert_decrypt_err<T: fmt::Debug>(r: Result<T, VaultError>, what: &str) {
+        match r {
+            Err(VaultError::Decrypt) => {}
+            other => panic!("{what}: expected Decrypt, got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_round_trip(
+            plaintext in proptest::collection::vec(any::<u8>(), 0..2048),
+            id in ".{0,40}",
+            version in any::<i64>(),
+        ) {
+            let v = vault();
+            let sealed = v.seal(&id, version, &plaintext).unwrap();
+            prop_assert_eq!(&sealed.key_id, &v.key_id());
+            prop_assert_eq!(sealed.wrapped_key.len(), WRAPPED_KEY_LEN);
+            prop_assert_eq!(sealed.ciphertext.len(), NONCE_LEN + plaintext.len() + TAG_LEN);
+            let opened = v.open(&id, version, &sealed).unwrap();
+            prop_assert_eq!(&opened[..], &plaintext[..]);
+        }
+
+        #[test]
+        fn blob_round_trip(
+            plaintext in proptest::collection::vec(any::<u8>(), 0..256),
+            label in ".{0,20}",
+        ) {
+            let v = vault();
+            let w = v.wrap_blob(&label, &plaintext).unwrap();
+            prop_assert_eq!(&v.unwrap_blob(&label, &w).unwrap()[..], &plaintext[..]);
+        }
+    }
+
+    #[test]
+    fn every_byte_flip_is_detected() {
+        let v = vault();
+        let sealed = v.seal("sec_1", 3, b"sk-live-0123456789abcdef").unwrap();
+        for i in 0..sealed.wrapped_key.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut t = sealed.clone();
+                t.wrapped_key[i] ^= bit;
+                assert_decrypt_err(v.open("sec_1", 3, &t), &format!("wrapped_key[{i}]^{bit:#x}"));
+            }
+        }
+        for i in 0..sealed.ciphertext.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut t = sealed.clone();
+                t.ciphertext[i] ^= bit;
+                assert_decrypt_err(v.open("sec_1", 3, &t), &format!("ciphertext[{i}]^{bit:#x}"));
+            }
+        }
+        // Truncation / extension.
+        let mut t = sealed.clone();
+        t.ciphertext.pop();
+        assert_decrypt_err(v.open("sec_1", 3, &t), "truncated ciphertext");
+        let mut t = sealed.clone();
+        t.ciphertext.push(0);
+        assert_decrypt_err(v.open("sec_1", 3, &t), "extended ciphertext");
+        let mut t = sealed.clone();
+        t.wrapped_key.truncate(10);
+        assert_decrypt_err(v.open("sec_1", 3, &t), "truncated wrapped key");
+        let mut t = sealed.clone();
+        t.ciphertext.clear();
+        assert_decrypt_err(v.open("sec_1", 3, &t), "empty ciphertext");
+        // Untouched still opens.
+        assert_eq!(&v.open("sec_1", 3, &sealed).unwrap()[..], b"sk-live-0123456789abcdef");
+    }
+
+    #[test]
+    fn binding_to_id_version_key_and_key_id() {
+        let v = vault();
+        let sealed = v.seal("ab", 1, b"value").unwrap();
+        assert_decrypt_err(v.open("ab", 2, &sealed), "wrong version");
+        assert_decrypt_err(v.open("ab", -1, &sealed), "negative version");
+        assert_decrypt_err(v.open("a", 1, &sealed), "wrong id");
+        assert_decrypt_err(v.open("abc", 1, &sealed), "longer id");
+        assert_decrypt_err(v.open("", 1, &sealed), "empty id");
+        assert_decrypt_err(vault().open("ab", 1, &sealed), "other master key");
+
+        // Other master key even with the key_id label forged.
+        let other = vault();
+        let mut forged = sealed.clone();
+        forged.key_id = other.key_id();
+        assert_decrypt_err(other.open("ab", 1, &forged), "other master, forged key_id");
+
+        // key_id mismatch alone is refused.
+        let mut t = sealed.clone();
+        t.key_id = "0000000000000000".into();
+        assert_decrypt_err(v.open("ab", 1, &t), "key_id mismatch");
+
+        // Swapping the ciphertext between two secrets fails.
+        let s2 = v.seal("cd", 1, b"other").unwrap();
+        let mut t = sealed.clone();
+        t.ciphertext = s2.ciphertext.clone();
+        assert_decrypt_err(v.open("ab", 1, &t), "swapped ciphertext");
+    }
+
+    #[test]
+    fn aad_is_injective() {
+        let a = aad(PURPOSE_VALUE, &[b"ab", &1i64.to_be_bytes()]);
+        let b = aad(PURPOSE_VALUE, &[b"a", b"b\0\0\0\0\0\0\0\x01"]);
+        assert_ne!(a, b);
+        let c = aad(PURPOSE_BLOB, &[b"ab"]);
+        let d = aad(PURPOSE_BLOB, &[b"a", b"b"]);
+        assert_ne!(c, d);
+        assert_ne!(
+            aad(PURPOSE_VALUE, &[b"x", &1i64.to_be_bytes()]),
+            aad(PURPOSE_DATA_KEY, &[b"x", &1i64.to_be_bytes()])
+        );
+        // Round trip with ids that collide under naive concatenation.
+        let v = vault();
+        let s = v.seal("ab", 1, b"v").unwrap();
+        assert_decrypt_err(v.open("a", 1, &s), "ab vs a");
+        let s = v.seal("a:1", 2, b"v").unwrap();
+        assert_decrypt_err(v.open("a", 12, &s), "a:1/2 vs a/12");
+    }
+
+    #[test]
+    fn seals_are_randomized() {
+        let v = vault();
+        let a = v.seal("s", 1, b"same value").unwrap();
+        let b = v.seal("s", 1, b"same value").unwrap();
+        assert_ne!(a.wrapped_key, b.wrapped_key);
+        assert_ne!(a.ciphertext, b.ciphertext);
+        assert_ne!(a.ciphertext[..NONCE_LEN], b.ciphertext[..NONCE_LEN]);
+        assert_ne!(a.wrapped_key[..NONCE_LEN], b.wrapped_key[..NONCE_LEN]);
+    }
+
+    #[test]
+    fn plaintext_not_in_sealed_bytes() {
+        let v = vault();
+        let secret = b"sk-live-SUPERSECRET-abcdefghijklmnop";
+        let s = v.seal("s", 1, secret).unwrap();
+        for hay in [&s.wrapped_key, &s.ciphertext] {
+            assert!(!hay.windows(8).any(|w| secret.windows(8).any(|x| x == w)));
+        }
+        assert!(!s.key_id.as_bytes().windows(8).any(|w| secret.windows(8).any(|x| x == w)));
+        // Nor does Debug show anything but the key id.
+        let dbg = format!("{s:?} {v:?}");
+        assert!(!dbg.contains("SUPERSECRET"));
+    }
+
+    #[test]
+    fn rewrap_moves_to_new_master() {
+        let old = vault();
+        let new_key = MasterKey::generate();
+        let sealed = old.seal("sec", 7, b"the value").unwrap();
+        let re = old.rewrap("sec", 7, &sealed, &new_key).unwrap();
+        assert_eq!(re.key_id, new_key.id());
+        assert_ne!(re.key_id, sealed.key_id);
+        assert_eq!(re.ciphertext, sealed.ciphertext, "ciphertext must be untouched");
+        assert_ne!(re.wrapped_key, sealed.wrapped_key);
+
+        let new_vault = Vault::new(new_key.clone());
+        assert_eq!(&new_vault.open("sec", 7, &re).unwrap()[..], b"the value");
+        assert_decrypt_err(old.open("sec", 7, &re), "old vault on rewrapped");
+        // Even if the old vault is told the new key id.
+        let mut forged = re.clone();
+        forged.key_id = old.key_id();
+        assert_decrypt_err(old.open("sec", 7, &forged), "old vault, forged key id");
+        // The original still opens with the old key only.
+        assert_eq!(&old.open("sec", 7, &sealed).unwrap()[..], b"the value");
+        assert_decrypt_err(new_vault.open("sec", 7, &sealed), "new vault on original");
+
+        // Rewrap checks id/version and the current master key.
+        assert_decrypt_err(old.rewrap("sec", 8, &sealed, &new_key), "rewrap wrong version");
+        assert_decrypt_err(old.rewrap("other", 7, &sealed, &new_key), "rewrap wrong id");
+        assert_decrypt_err(new_vault.rewrap("sec", 7, &sealed, &new_key), "rewrap wrong master");
+    }
+
+    #[test]
+    fn blob_binding() {
+        let v = vault();
+        let w = v.wrap_blob("token-hash-key", b"0123456789abcdef0123456789abcdef").unwrap();
+        assert_decrypt_err(v.unwrap_blob("other-label", &w), "wrong label");
+        assert_decrypt_err(vault().unwrap_blob("token-hash-key", &w), "other master");
+        for i in 0..w.len() {
+            let mut t = w.clone();
+            t[i] ^= 0x04;
+            assert_decrypt_err(v.unwrap_blob("token-hash-key", &t), "flipped blob");
+        }
+        assert_decrypt_err(v.unwrap_blob("token-hash-key", &w[..20]), "short blob");
+        assert_decrypt_err(v.unwrap_blob("token-hash-key", &[]), "empty blob");
+        // A blob is not interchangeable with a wrapped data key.
+        let s = v.seal("token-hash-key", 0, b"x").unwrap();
+        assert_decrypt_err(v.unwrap_blob("token-hash-key", &s.wrapped_key), "data key as blob");
+    }
+
+    #[test]
+    fn suffix_hint_rules() {
+        assert_eq!(suffix_hint(b"sk-abcdefgh-k9Xz"), "k9Xz");
+        assert_eq!(suffix_hint(b"123456789012"), "9012");
+        assert_eq!(suffix_hint(b"12345678901"), "");
+        assert_eq!(suffix_hint(b""), "");
+        assert_eq!(suffix_hint(&[0xff; 20]), "");
+        assert_eq!(suffix_hint("pässwörd-tökén".as_bytes()), "ökén");
+        assert_eq!(suffix_hint("abcdefghij€€€€".as_bytes()), "€€€€");
+        assert_eq!(suffix_hint(b"abcdefghijkl\n"), "");
+    }
+}

@@ -1,0 +1,186 @@
+//! The command line, as SPEC.md lists it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// keygate: a credential vault and HTTPS gateway for AI agents.
+///
+/// Agents keep placeholder keys and send traffic through keygate
+/// (HTTPS_PROXY); keygate injects the real credential for the destination.
+/// Start with `keygate serve`, add a secret, create an agent, then run the
+/// agent with `keygate run --token TOKEN -- CMD`.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about, long_about = None)]
+pub struct Cli {
+    /// Data directory (SQLite database, CA, master key, admin token).
+    /// Default: $XDG_DATA_HOME/keygate, else ~/.local/share/keygate.
+    #[arg(long, global = true, env = "KEYGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Admin API URL used by management commands.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:10254"
+    )]
+    pub admin_url: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (:10255) and the admin API (:10254) in one process.
+    Serve(ServeArgs),
+    /// Manage secrets (values are write-only).
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Manage agents, their tokens and grants.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Run a command with the proxy, the CA bundle and their variables set.
+    Run(RunArgs),
+    /// Show the audit log, or verify its hash chain (`audit verify`).
+    Audit(AuditArgs),
+    /// The local CA.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Proxy listen address (agents connect here).
+    #[arg(long, env = "KEYGATE_PROXY_LISTEN", default_value = "127.0.0.1:10255")]
+    pub proxy_listen: String,
+    /// Admin API listen address.
+    #[arg(long, env = "KEYGATE_ADMIN_LISTEN", default_value = "127.0.0.1:10254")]
+    pub admin_listen: String,
+    /// Database URL: sqlite://PATH or postgres://… (default: SQLite in the data dir).
+    #[arg(long, env = "KEYGATE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Extra trusted root for upstream TLS (PEM file; repeatable). Web PKI
+    /// roots stay trusted and verification is never switched off.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// Dial ADDR:PORT whenever the destination is HOST:PORT (like curl's
+    /// --connect-to); matching and certificate checks still use HOST.
+    #[arg(long = "resolve", value_name = "HOST:PORT=ADDR:PORT")]
+    pub resolve: Vec<String>,
+    /// Exempt a CIDR from the egress guard (repeatable); keygate's own
+    /// listeners stay blocked.
+    #[arg(long = "allow-net", value_name = "CIDR")]
+    pub allow_net: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Add a secret. The value comes from --value-file, stdin (when not a
+    /// terminal) or a hidden prompt; never from the command line.
+    Add {
+        name: String,
+        /// Host pattern: api.example.com, *.example.com, api.example.com:8443.
+        #[arg(long)]
+        host: String,
+        /// Path pattern: * (all), /exact, or /prefix/*.
+        #[arg(long, default_value = "*")]
+        path: String,
+        /// Header to inject into.
+        #[arg(long, default_value = "Authorization")]
+        header: String,
+        /// Header value template; {secret} is replaced by the value.
+        #[arg(long, default_value = "Bearer {secret}")]
+        format: String,
+        /// Read the value from FILE ("-" for stdin).
+        #[arg(long, value_name = "FILE")]
+        value_file: Option<PathBuf>,
+    },
+    /// List secrets (never their values).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a secret's value; the next request uses the new one.
+    Rotate {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        value_file: Option<PathBuf>,
+    },
+    /// Delete a secret and its grants.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Create an agent; prints only its token, once.
+    Create {
+        name: String,
+        /// Grant a secret (repeatable).
+        #[arg(long = "grant", value_name = "SECRET")]
+        grants: Vec<String>,
+    },
+    /// List agents and their grants.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grant a secret to an agent.
+    Grant { name: String, secret: String },
+    /// Revoke a grant; effective on the agent's next request.
+    Revoke { name: String, secret: String },
+    /// Delete an agent; its token stops working at once.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Agent token (else KEYGATE_AGENT_TOKEN).
+    #[arg(long, env = "KEYGATE_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Proxy URL (else KEYGATE_PROXY_URL, else http://127.0.0.1:10255).
+    #[arg(long, env = "KEYGATE_PROXY_URL")]
+    pub proxy: Option<String>,
+    /// keygate CA certificate (else KEYGATE_CA_FILE, else <data dir>/ca.pem,
+    /// else fetched from the admin API's /ca.pem).
+    #[arg(long, env = "KEYGATE_CA_FILE")]
+    pub ca: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub verify: Option<AuditCmd>,
+    /// Only this agent's requests.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// How many records (newest first).
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing new records as they arrive.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; exits 1 if a record was edited or deleted.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Print the CA certificate (PEM) on stdout.
+    Cert,
+}
