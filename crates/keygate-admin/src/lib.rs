@@ -79,10 +79,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/agents", get(list_agents).post(create_agent))
         .route("/agents/{name}", get(get_agent).delete(remove_agent))
         .route("/agents/{name}/token", post(regenerate_token))
-        .route(
-            "/agents/{name}/grants/{secret}",
-            put(grant).delete(revoke),
-        )
+        .route("/agents/{name}/grants/{secret}", put(grant).delete(revoke))
         .route("/audit", get(audit))
         .route("/audit/verify", get(audit_verify))
         .route("/ca", get(ca_json))
@@ -106,7 +103,10 @@ async fn require_admin(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match presented {
         Some(t) if keygate_vault::ct_eq(t.as_bytes(), state.admin_token.as_bytes()) => {

@@ -43,7 +43,8 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 ///   decoded, every other escape keeps its encoding with upper-case hex;
 /// - it is [`PathError::Ambiguous`] if it then contains an encoded `/`, `\`
 ///   or NUL, a literal `\` or control character, or a multiply-encoded
-///   `.`, `/`, `\` or NUL (`%252E`, `%25252F`…);
+///   `.`, `/`, `\` or NUL (`%252E`, `%25252F`…), or a dot-segment carrying
+///   `;` parameters (`/..;/`, which some servers resolve as `/../`);
 /// - it is [`PathError::Invalid`] if a `%` is not followed by two hex
 ///   digits, or it contains a space, a non-ASCII byte, `#` or `?`;
 /// - dot-segments are resolved per RFC 3986 §5.2.4; empty segments are kept.
@@ -123,7 +124,22 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     let decoded =
         String::from_utf8(decoded).map_err(|_| PathError::Invalid("non-ASCII byte in path"))?;
 
+    // Some servers (Tomcat, Jetty…) strip `;params` before resolving dot
+    // segments, so `/v1/..;/admin` would reach `/admin` there.
+    if decoded.split('/').any(is_dot_segment_with_params) {
+        return Err(PathError::Ambiguous("dot-segment with ';' parameters"));
+    }
+
     Ok(remove_dot_segments(&decoded))
+}
+
+/// `..;x`, `.;`, `..%3B`: a dot-segment once path parameters are removed.
+fn is_dot_segment_with_params(seg: &str) -> bool {
+    let cut = [seg.find(';'), seg.find("%3B")].into_iter().flatten().min();
+    match cut {
+        Some(i) => matches!(&seg[..i], "." | ".."),
+        None => false,
+    }
 }
 
 /// RFC 3986 §5.2.4 for an absolute path (starts with '/'): "." segments
@@ -350,6 +366,13 @@ mod tests {
             "/v1\rx",
             "/v1\tx",
             "/v1\u{7f}",
+            "/v1/..;/admin",
+            "/v1/..;x=1/admin",
+            "/v1/.;/admin",
+            "/v1/%2e%2e;/admin",
+            "/v1/..%3b/admin",
+            "/v1/..%3B/admin",
+            "/v1/..;",
         ] {
             assert!(
                 is_ambiguous(bad),
@@ -361,6 +384,10 @@ mod tests {
         assert_eq!(norm("/v1%2541"), "/v1%2541");
         assert_eq!(norm("/v1%25"), "/v1%25");
         assert_eq!(norm("/v1%252"), "/v1%252");
+        // Parameters on ordinary segments are fine.
+        assert_eq!(norm("/v1;a=b/x"), "/v1;a=b/x");
+        assert_eq!(norm("/v1/...;/x"), "/v1/...;/x");
+        assert_eq!(norm("/v1/x..;/y"), "/v1/x..;/y");
     }
 
     #[test]

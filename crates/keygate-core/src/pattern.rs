@@ -194,10 +194,9 @@ fn parse_port(p: &str) -> Result<u16, PatternError> {
     if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
         return Err(PatternError::new("port must be a number from 1 to 65535"));
     }
-    match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(PatternError::new("port must be a number from 1 to 65535")),
-        Ok(n) => Ok(n),
-    }
+    // Port 0 is refused by the caller, together with a default port of 0.
+    p.parse::<u16>()
+        .map_err(|_| PatternError::new("port must be a number from 1 to 65535"))
 }
 
 /// A compiled host pattern: an exact host or a leading wildcard
@@ -486,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn parse_authority_messages_and_default_port_zero() {
+        for v6 in ["::1", "::1:443", "2001:db8::1"] {
+            let e = parse_authority(v6, 443)
+                .err()
+                .map(|e| e.message().to_string());
+            assert!(
+                e.as_deref().is_some_and(|m| m.contains("brackets")),
+                "{v6:?}: {e:?}"
+            );
+        }
+        assert!(parse_authority("api.test", 0).is_err());
+        assert_eq!(
+            parse_authority("api.test:1", 0),
+            Ok(("api.test".to_string(), 1))
+        );
+    }
+
+    #[test]
     fn pattern_parse_and_display() {
         assert_eq!(hp("api.openai.com").to_string(), "api.openai.com");
         assert_eq!(hp("API.OpenAI.com.").to_string(), "api.openai.com");
@@ -583,6 +600,11 @@ mod tests {
         assert!(!p.matches_host("example.com"));
         assert!(!p.matches(".example.com", 443));
         assert!(!p.matches("aexample.com", 443));
+        assert!(
+            !p.matches("evilexample.com", 443),
+            "suffix must start at a label"
+        );
+        assert!(!p.matches("a.evilexample.com", 443));
         assert!(!p.matches("a.example.com.evil", 443));
         assert!(!p.matches("a.example.org", 443));
         assert!(!p.matches("a.example.com", 8443));

@@ -73,11 +73,26 @@ mod tests {
 
     #[test]
     fn token_in_password_username_or_bearer() {
-        assert_eq!(token_from_header(&basic("agent:kg_abc")).as_deref(), Some("kg_abc"));
-        assert_eq!(token_from_header(&basic("kg_abc:")).as_deref(), Some("kg_abc"));
-        assert_eq!(token_from_header(&basic("kg_abc")).as_deref(), Some("kg_abc"));
-        assert_eq!(token_from_header(b"Bearer kg_abc").as_deref(), Some("kg_abc"));
-        assert_eq!(token_from_header(b"bearer  kg_abc ").as_deref(), Some("kg_abc"));
+        assert_eq!(
+            token_from_header(&basic("agent:kg_abc")).as_deref(),
+            Some("kg_abc")
+        );
+        assert_eq!(
+            token_from_header(&basic("kg_abc:")).as_deref(),
+            Some("kg_abc")
+        );
+        assert_eq!(
+            token_from_header(&basic("kg_abc")).as_deref(),
+            Some("kg_abc")
+        );
+        assert_eq!(
+            token_from_header(b"Bearer kg_abc").as_deref(),
+            Some("kg_abc")
+        );
+        assert_eq!(
+            token_from_header(b"bearer  kg_abc ").as_deref(),
+            Some("kg_abc")
+        );
     }
 
     #[test]

@@ -102,8 +102,9 @@ impl UpstreamConnector {
 
 /// Maps a TLS handshake failure to a message that names the cause.
 fn tls_error(host: &str, port: u16, e: io::Error) -> GatewayError {
-    if let Some(rustls::Error::InvalidCertificate(cert)) =
-        e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    if let Some(rustls::Error::InvalidCertificate(cert)) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
         return GatewayError::new(
             ErrorCode::UpstreamCertificate,

@@ -43,22 +43,20 @@ impl EgressGuard {
     /// Resolves `host:port` (honouring `--resolve`) and returns the addresses
     /// that pass the guard, in resolver order. Errors when none does.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GatewayError> {
-        let candidates: Vec<SocketAddr> =
-            if let Some(addrs) = self.overrides.get(&(host.to_string(), port)) {
-                addrs.clone()
-            } else if let Ok(ip) = host.parse::<IpAddr>() {
-                vec![SocketAddr::new(ip, port)]
-            } else {
-                tokio::net::lookup_host((host, port))
-                    .await
-                    .map_err(|e| {
-                        GatewayError::new(
-                            ErrorCode::DnsFailed,
-                            format!("cannot resolve {host}: {e}"),
-                        )
-                    })?
-                    .collect()
-            };
+        let candidates: Vec<SocketAddr> = if let Some(addrs) =
+            self.overrides.get(&(host.to_string(), port))
+        {
+            addrs.clone()
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            vec![SocketAddr::new(ip, port)]
+        } else {
+            tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| {
+                    GatewayError::new(ErrorCode::DnsFailed, format!("cannot resolve {host}: {e}"))
+                })?
+                .collect()
+        };
         let mut allowed = Vec::with_capacity(candidates.len());
         let mut refused = None;
         for addr in candidates {
@@ -126,7 +124,11 @@ pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -169,7 +171,8 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
     // NAT64 well-known prefix 64:ff9b::/96 embeds an IPv4 address.
     if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
-        return forbidden_v4(embedded_v4(seg[6], seg[7])).map(|_| "a NAT64 form of a non-public IPv4 address");
+        return forbidden_v4(embedded_v4(seg[6], seg[7]))
+            .map(|_| "a NAT64 form of a non-public IPv4 address");
     }
     // Local-use NAT64 64:ff9b:1::/48.
     if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
@@ -238,7 +241,13 @@ mod tests {
         ] {
             assert!(blocked(a), "{a} must be blocked");
         }
-        for a in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "93.184.216.34"] {
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "93.184.216.34",
+        ] {
             assert!(!blocked(a), "{a} must be allowed");
         }
     }
@@ -265,7 +274,12 @@ mod tests {
         ] {
             assert!(blocked(a), "{a} must be blocked");
         }
-        for a in ["2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+        for a in [
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(!blocked(a), "{a} must be allowed");
         }
     }
@@ -273,10 +287,16 @@ mod tests {
     #[test]
     fn allow_net_exempts_but_own_listeners_stay_blocked() {
         let own: SocketAddr = "127.0.0.1:10254".parse().unwrap();
-        let g = EgressGuard::new(vec!["127.0.0.0/8".parse().unwrap()], vec![own], HashMap::new());
+        let g = EgressGuard::new(
+            vec!["127.0.0.0/8".parse().unwrap()],
+            vec![own],
+            HashMap::new(),
+        );
         assert!(g.check("127.0.0.1:8443".parse().unwrap()).is_ok());
         assert!(g.check(own).is_err());
-        assert!(g.check("[::ffff:127.0.0.1]:10254".parse().unwrap()).is_err());
+        assert!(g
+            .check("[::ffff:127.0.0.1]:10254".parse().unwrap())
+            .is_err());
         assert!(g.check("127.0.0.2:10254".parse().unwrap()).is_err());
         assert!(g.check("169.254.169.254:80".parse().unwrap()).is_err());
     }

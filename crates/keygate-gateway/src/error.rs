@@ -59,7 +59,10 @@ impl GatewayError {
         );
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(
             "keygate-error",
             HeaderValue::from_static(self.code.as_str()),

@@ -285,9 +285,8 @@ fn inject(
             )
         })?;
         value.set_sensitive(true);
-        let name = HeaderName::from_bytes(secret.header.as_bytes()).map_err(|_| {
-            GatewayError::new(ErrorCode::Internal, "invalid header name in secret")
-        })?;
+        let name = HeaderName::from_bytes(secret.header.as_bytes())
+            .map_err(|_| GatewayError::new(ErrorCode::Internal, "invalid header name in secret"))?;
         headers.insert(name, value);
         names.push(secret.name.clone());
     }
@@ -374,7 +373,12 @@ pub(crate) async fn forward_plain(
             .grants
             .iter()
             .any(|s| s.host.matches_host(&dest.host) && s.path.matches(&p)),
-        Err(_) => any_host_match(agent.grants.iter().map(|s| s.as_ref()), &dest.host, dest.port, true),
+        Err(_) => any_host_match(
+            agent.grants.iter().map(|s| s.as_ref()),
+            &dest.host,
+            dest.port,
+            true,
+        ),
     };
     if would_apply {
         let err = GatewayError::new(

@@ -118,7 +118,8 @@ impl Gateway {
         let tls = tls::upstream_client_config(&config.upstream_roots)
             .map_err(|e| GatewayError::new(keygate_core::ErrorCode::Internal, e))?;
         let guard = Arc::new(guard);
-        let connector = UpstreamConnector::new(guard.clone(), Arc::new(tls), config.connect_timeout);
+        let connector =
+            UpstreamConnector::new(guard.clone(), Arc::new(tls), config.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -172,7 +173,12 @@ impl Gateway {
             let shared = self.shared.clone();
             // The permit lives as long as the connection and any tunnel
             // upgraded from it, so shutdown can wait for both.
-            tokio::spawn(proxy::serve_connection(shared, stream, peer, Arc::new(permit)));
+            tokio::spawn(proxy::serve_connection(
+                shared,
+                stream,
+                peer,
+                Arc::new(permit),
+            ));
         }
         drop(listener);
         let all = u32::try_from(max).unwrap_or(u32::MAX);

@@ -107,10 +107,8 @@ async fn connect(
     let dest = match parsed {
         Some(Ok((host, port))) => Destination { host, port },
         _ => {
-            let err = GatewayError::new(
-                ErrorCode::BadRequest,
-                "CONNECT needs a host:port authority",
-            );
+            let err =
+                GatewayError::new(ErrorCode::BadRequest, "CONNECT needs a host:port authority");
             let log = RequestLog::new(&req, "connect", "", 0, started);
             return forward::refuse(&shared, log, None, &err).await;
         }

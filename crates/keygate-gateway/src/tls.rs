@@ -57,7 +57,10 @@ impl LeafCertCache {
         })?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_no_client_auth().with_single_cert(leaf.chain, leaf.key))
+            .and_then(|b| {
+                b.with_no_client_auth()
+                    .with_single_cert(leaf.chain, leaf.key)
+            })
             .map_err(|e| {
                 GatewayError::new(ErrorCode::Internal, format!("TLS server config: {e}"))
             })?;

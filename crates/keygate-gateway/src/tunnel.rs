@@ -36,7 +36,10 @@ pub(crate) async fn run(
             if !same {
                 return Err(GatewayError::new(
                     ErrorCode::HostMismatch,
-                    format!("TLS SNI {sni:?} does not match the CONNECT host {}", dest.host),
+                    format!(
+                        "TLS SNI {sni:?} does not match the CONNECT host {}",
+                        dest.host
+                    ),
                 ));
             }
         }

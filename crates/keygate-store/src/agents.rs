@@ -29,13 +29,15 @@ impl Store {
                 "an agent named {name:?} already exists"
             )));
         }
-        sqlx::query("INSERT INTO agents (id, name, token_hash, created_ms) VALUES ($1, $2, $3, $4)")
-            .bind(&id)
-            .bind(name)
-            .bind(&hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO agents (id, name, token_hash, created_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         for secret in grants {
             let sid = secret_id(&mut tx, secret).await?;
             sqlx::query(

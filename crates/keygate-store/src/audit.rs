@@ -254,7 +254,11 @@ impl Store {
         if let Some(t) = filter.since_ms {
             push("ts_ms >=", Bind::Int(t), &mut sql);
         }
-        let order = if filter.after_seq.is_some() { "ASC" } else { "DESC" };
+        let order = if filter.after_seq.is_some() {
+            "ASC"
+        } else {
+            "DESC"
+        };
         let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
         sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
         let mut q = sqlx::query(&sql);

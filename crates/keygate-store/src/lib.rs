@@ -63,7 +63,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.backend).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
     }
 }
 
@@ -94,7 +96,9 @@ impl Store {
             .await
             .map_err(|e| StoreError::Connect(redact_url(&url), e.to_string()))?;
         if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
         }
         MIGRATOR.run(&pool).await?;
         let hasher = Arc::new(load_token_hasher(&pool, &vault).await?);

@@ -75,7 +75,11 @@ impl Store {
         if new.value.is_empty() {
             return Err(StoreError::Invalid("secret value is empty".into()));
         }
-        if new.value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        if new
+            .value
+            .iter()
+            .any(|&b| b == b'\r' || b == b'\n' || b == 0)
+        {
             return Err(StoreError::Invalid(
                 "secret value contains a line break or NUL (a trailing newline is stripped)".into(),
             ));

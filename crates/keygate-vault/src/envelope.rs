@@ -64,7 +64,10 @@ impl Vault {
         crate::fill_random(&mut data_key[..]);
         let ciphertext = aead_seal(
             &data_key[..],
-            &aad(PURPOSE_VALUE, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &aad(
+                PURPOSE_VALUE,
+                &[secret_id.as_bytes(), &version.to_be_bytes()],
+            ),
             plaintext,
         )?;
         let wrapped_key = self.wrap_data_key(secret_id, version, &data_key[..], &self.master)?;
@@ -85,7 +88,10 @@ impl Vault {
         let data_key = self.unwrap_data_key(secret_id, version, sealed)?;
         aead_open(
             &data_key[..],
-            &aad(PURPOSE_VALUE, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &aad(
+                PURPOSE_VALUE,
+                &[secret_id.as_bytes(), &version.to_be_bytes()],
+            ),
             &sealed.ciphertext,
         )
     }
@@ -125,7 +131,11 @@ impl Vault {
 
     /// Reverse of [`Vault::wrap_blob`]; wrong label, other master key or any
     /// modification → [`VaultError::Decrypt`].
-    pub fn unwrap_blob(&self, label: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    pub fn unwrap_blob(
+        &self,
+        label: &str,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         aead_open(
             &self.master.bytes()[..],
             &aad(PURPOSE_BLOB, &[label.as_bytes()]),
@@ -142,7 +152,10 @@ impl Vault {
     ) -> Result<Vec<u8>, VaultError> {
         aead_seal(
             &master.bytes()[..],
-            &aad(PURPOSE_DATA_KEY, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &aad(
+                PURPOSE_DATA_KEY,
+                &[secret_id.as_bytes(), &version.to_be_bytes()],
+            ),
             data_key,
         )
     }
@@ -158,7 +171,10 @@ impl Vault {
         }
         let opened = aead_open(
             &self.master.bytes()[..],
-            &aad(PURPOSE_DATA_KEY, &[secret_id.as_bytes(), &version.to_be_bytes()]),
+            &aad(
+                PURPOSE_DATA_KEY,
+                &[secret_id.as_bytes(), &version.to_be_bytes()],
+            ),
             &sealed.wrapped_key,
         )?;
         let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
@@ -179,7 +195,10 @@ fn aad(purpose: &[u8], fields: &[&[u8]]) -> Vec<u8> {
             + purpose.len()
             + fields.iter().map(|f| f.len()).sum::<usize>(),
     );
-    for part in [AAD_DOMAIN, purpose].into_iter().chain(fields.iter().copied()) {
+    for part in [AAD_DOMAIN, purpose]
+        .into_iter()
+        .chain(fields.iter().copied())
+    {
         // Ids and labels are far below 4 GiB; saturate rather than panic.
         let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&len.to_be_bytes());
@@ -190,7 +209,8 @@ fn aad(purpose: &[u8], fields: &[&[u8]]) -> Vec<u8> {
 
 /// nonce ‖ AES-256-GCM(key, plaintext, aad) ‖ tag, with a random nonce.
 fn aead_seal(key: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Encrypt)?);
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Encrypt)?);
     let mut nonce = [0u8; NONCE_LEN];
     crate::fill_random(&mut nonce);
     // Exact capacity: the buffer briefly holds plaintext and must not be
@@ -221,7 +241,8 @@ fn aead_open(key: &[u8], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>
     if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(VaultError::Decrypt);
     }
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Decrypt)?);
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Decrypt)?);
     let (nonce, body) = sealed.split_at(NONCE_LEN);
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
     let mut buf = Zeroizing::new(body.to_vec());
@@ -304,7 +325,10 @@ mod tests {
             for bit in [0x01u8, 0x80] {
                 let mut t = sealed.clone();
                 t.wrapped_key[i] ^= bit;
-                assert_decrypt_err(v.open("sec_1", 3, &t), &format!("wrapped_key[{i}]^{bit:#x}"));
+                assert_decrypt_err(
+                    v.open("sec_1", 3, &t),
+                    &format!("wrapped_key[{i}]^{bit:#x}"),
+                );
             }
         }
         for i in 0..sealed.ciphertext.len() {
@@ -328,7 +352,10 @@ mod tests {
         t.ciphertext.clear();
         assert_decrypt_err(v.open("sec_1", 3, &t), "empty ciphertext");
         // Untouched still opens.
-        assert_eq!(&v.open("sec_1", 3, &sealed).unwrap()[..], b"sk-live-0123456789abcdef");
+        assert_eq!(
+            &v.open("sec_1", 3, &sealed).unwrap()[..],
+            b"sk-live-0123456789abcdef"
+        );
     }
 
     #[test]
@@ -399,7 +426,11 @@ mod tests {
         for hay in [&s.wrapped_key, &s.ciphertext] {
             assert!(!hay.windows(8).any(|w| secret.windows(8).any(|x| x == w)));
         }
-        assert!(!s.key_id.as_bytes().windows(8).any(|w| secret.windows(8).any(|x| x == w)));
+        assert!(!s
+            .key_id
+            .as_bytes()
+            .windows(8)
+            .any(|w| secret.windows(8).any(|x| x == w)));
         // Nor does Debug show anything but the key id.
         let dbg = format!("{s:?} {v:?}");
         assert!(!dbg.contains("SUPERSECRET"));
@@ -413,7 +444,10 @@ mod tests {
         let re = old.rewrap("sec", 7, &sealed, &new_key).unwrap();
         assert_eq!(re.key_id, new_key.id());
         assert_ne!(re.key_id, sealed.key_id);
-        assert_eq!(re.ciphertext, sealed.ciphertext, "ciphertext must be untouched");
+        assert_eq!(
+            re.ciphertext, sealed.ciphertext,
+            "ciphertext must be untouched"
+        );
         assert_ne!(re.wrapped_key, sealed.wrapped_key);
 
         let new_vault = Vault::new(new_key.clone());
@@ -428,15 +462,23 @@ mod tests {
         assert_decrypt_err(new_vault.open("sec", 7, &sealed), "new vault on original");
 
         // Rewrap checks id/version and the current master key.
-        assert_decrypt_err(old.rewrap("sec", 8, &sealed, &new_key), "rewrap wrong version");
+        assert_decrypt_err(
+            old.rewrap("sec", 8, &sealed, &new_key),
+            "rewrap wrong version",
+        );
         assert_decrypt_err(old.rewrap("other", 7, &sealed, &new_key), "rewrap wrong id");
-        assert_decrypt_err(new_vault.rewrap("sec", 7, &sealed, &new_key), "rewrap wrong master");
+        assert_decrypt_err(
+            new_vault.rewrap("sec", 7, &sealed, &new_key),
+            "rewrap wrong master",
+        );
     }
 
     #[test]
     fn blob_binding() {
         let v = vault();
-        let w = v.wrap_blob("token-hash-key", b"0123456789abcdef0123456789abcdef").unwrap();
+        let w = v
+            .wrap_blob("token-hash-key", b"0123456789abcdef0123456789abcdef")
+            .unwrap();
         assert_decrypt_err(v.unwrap_blob("other-label", &w), "wrong label");
         assert_decrypt_err(vault().unwrap_blob("token-hash-key", &w), "other master");
         for i in 0..w.len() {
@@ -448,7 +490,10 @@ mod tests {
         assert_decrypt_err(v.unwrap_blob("token-hash-key", &[]), "empty blob");
         // A blob is not interchangeable with a wrapped data key.
         let s = v.seal("token-hash-key", 0, b"x").unwrap();
-        assert_decrypt_err(v.unwrap_blob("token-hash-key", &s.wrapped_key), "data key as blob");
+        assert_decrypt_err(
+            v.unwrap_blob("token-hash-key", &s.wrapped_key),
+            "data key as blob",
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), VaultError> {
             return Err(VaultError::io(
                 "creating directory",
                 dir,
-                io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"),
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "exists and is not a directory",
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -159,7 +162,8 @@ fn write_atomically(
         drop(file);
         match install {
             Install::Replace => {
-                fs::rename(&tmp_path, path).map_err(|e| VaultError::io("renaming into", path, e))?;
+                fs::rename(&tmp_path, path)
+                    .map_err(|e| VaultError::io("renaming into", path, e))?;
                 Ok(true)
             }
             Install::CreateNew => match fs::hard_link(&tmp_path, path) {
@@ -181,7 +185,11 @@ fn write_atomically(
 }
 
 /// Creates a fresh temporary file next to the target.
-fn create_temp(dir: &Path, file_name: &std::ffi::OsStr, mode: u32) -> Result<(PathBuf, File), VaultError> {
+fn create_temp(
+    dir: &Path,
+    file_name: &std::ffi::OsStr,
+    mode: u32,
+) -> Result<(PathBuf, File), VaultError> {
     let mut last_err = None;
     for _ in 0..16 {
         let mut rnd = [0u8; 8];
@@ -235,7 +243,10 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(mode_of(&p), 0o600);
         // No temporary files left behind.
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("k")]);
     }
 

@@ -27,9 +27,7 @@ pub use envelope::{suffix_hint, Vault};
 pub use error::VaultError;
 pub use files::{create_private_file, ensure_private_dir, read_private_file, write_private_file};
 pub use master::MasterKey;
-pub use token::{
-    ct_eq, generate_admin_token, generate_agent_token, random_key, TokenHasher,
-};
+pub use token::{ct_eq, generate_admin_token, generate_agent_token, random_key, TokenHasher};
 
 /// Fills `buf` from the system CSPRNG (aws-lc).
 ///

@@ -10,7 +10,9 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::files::{create_private_file, ensure_private_dir, read_private_file, read_private_file_opt};
+use crate::files::{
+    create_private_file, ensure_private_dir, read_private_file, read_private_file_opt,
+};
 use crate::VaultError;
 
 /// Length of the master key in bytes.
@@ -195,7 +197,8 @@ mod tests {
     #[test]
     fn error_does_not_echo_input() {
         let secretish = "c2VjcmV0LXZhbHVlLXRoYXQtaXMtbm90LTMyLWJ5dGVz!";
-        let err = MasterKey::load_or_create(Path::new("/nonexistent"), Some(secretish), None).unwrap_err();
+        let err = MasterKey::load_or_create(Path::new("/nonexistent"), Some(secretish), None)
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("KEYGATE_MASTER_KEY"), "{msg}");
         assert!(!msg.contains("c2VjcmV0"), "{msg}");
@@ -252,7 +255,8 @@ mod tests {
         let k = MasterKey::generate();
         let other = tmp.path().join("other.key");
         crate::write_private_file(&other, MasterKey::generate().to_base64().as_bytes()).unwrap();
-        let got = MasterKey::load_or_create(tmp.path(), Some(&k.to_base64()), Some(&other)).unwrap();
+        let got =
+            MasterKey::load_or_create(tmp.path(), Some(&k.to_base64()), Some(&other)).unwrap();
         assert_eq!(got.id(), k.id());
         // Nothing was written to the data dir.
         assert!(!tmp.path().join("master.key").exists());

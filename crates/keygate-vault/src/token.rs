@@ -77,7 +77,9 @@ mod tests {
     use std::collections::HashSet;
 
     fn check_format(t: &str, prefix: &str) {
-        let body = t.strip_prefix(prefix).unwrap_or_else(|| panic!("{t} lacks {prefix}"));
+        let body = t
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{t} lacks {prefix}"));
         assert_eq!(body.len(), 43, "{t}");
         assert!(body
             .bytes()

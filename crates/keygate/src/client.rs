@@ -152,14 +152,18 @@ fn read_value(value_file: Option<&Path>) -> Result<Zeroizing<String>> {
     if buf.is_empty() {
         bail!("the secret value is empty");
     }
-    let s = String::from_utf8(buf.to_vec()).map_err(|_| anyhow!("the secret value is not UTF-8"))?;
+    let s =
+        String::from_utf8(buf.to_vec()).map_err(|_| anyhow!("the secret value is not UTF-8"))?;
     Ok(Zeroizing::new(s))
 }
 
 fn fmt_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -191,7 +195,9 @@ async fn secret(client: &AdminClient, cmd: SecretCmd) -> Result<ExitCode> {
                 "name": name, "host": host, "path": path, "header": header,
                 "format": format, "value": value.as_str(),
             });
-            let info = client.call(Method::POST, "/api/v1/secrets", Some(body)).await?;
+            let info = client
+                .call(Method::POST, "/api/v1/secrets", Some(body))
+                .await?;
             eprintln!(
                 "secret {} added: {} {} -> {}",
                 info["name"].as_str().unwrap_or(""),
@@ -249,7 +255,11 @@ async fn secret(client: &AdminClient, cmd: SecretCmd) -> Result<ExitCode> {
         }
         SecretCmd::Rm { name } => {
             client
-                .call(Method::DELETE, &format!("/api/v1/secrets/{}", seg(&name)), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/api/v1/secrets/{}", seg(&name)),
+                    None,
+                )
                 .await?;
             eprintln!("secret {name} deleted");
         }
@@ -323,7 +333,11 @@ async fn agent(client: &AdminClient, cmd: AgentCmd) -> Result<ExitCode> {
         }
         AgentCmd::Rm { name } => {
             client
-                .call(Method::DELETE, &format!("/api/v1/agents/{}", seg(&name)), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/api/v1/agents/{}", seg(&name)),
+                    None,
+                )
                 .await?;
             eprintln!("agent {name} deleted");
         }
@@ -383,7 +397,9 @@ fn print_audit(r: &Value, as_json: bool) {
 
 async fn audit(client: &AdminClient, args: AuditArgs) -> Result<ExitCode> {
     if let Some(AuditCmd::Verify) = args.verify {
-        let report = client.call(Method::GET, "/api/v1/audit/verify", None).await?;
+        let report = client
+            .call(Method::GET, "/api/v1/audit/verify", None)
+            .await?;
         let ok = report["ok"].as_bool().unwrap_or(false);
         let msg = report["message"].as_str().unwrap_or("");
         if ok {
@@ -403,10 +419,7 @@ async fn audit(client: &AdminClient, args: AuditArgs) -> Result<ExitCode> {
     let list = client.call(Method::GET, &q, None).await?;
     let mut items = list.as_array().cloned().unwrap_or_default();
     items.reverse(); // oldest first, like a log
-    let mut last = items
-        .last()
-        .and_then(|r| r["seq"].as_i64())
-        .unwrap_or(0);
+    let mut last = items.last().and_then(|r| r["seq"].as_i64()).unwrap_or(0);
     for r in &items {
         print_audit(r, args.json);
     }

@@ -55,7 +55,8 @@ pub fn no_proxy(existing: Option<&str>) -> String {
 
 fn keygate_ca(args: &RunArgs, dir: Option<&Path>, admin_url: &str) -> Result<String> {
     if let Some(p) = &args.ca {
-        return std::fs::read_to_string(p).with_context(|| format!("cannot read --ca {}", p.display()));
+        return std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read --ca {}", p.display()));
     }
     if let Some(p) = dir.map(paths::ca_cert).filter(|p| p.exists()) {
         return std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()));

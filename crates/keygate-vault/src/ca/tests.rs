@@ -113,12 +113,24 @@ fn rustls_verify(ca: &CertificateAuthority, leaf: &LeafCert, host: &str) {
         .unwrap();
     let name = ServerName::try_from(host.to_owned()).unwrap();
     verifier
-        .verify_server_cert(&leaf.chain[0], &leaf.chain[1..], &name, &[], UnixTime::now())
+        .verify_server_cert(
+            &leaf.chain[0],
+            &leaf.chain[1..],
+            &name,
+            &[],
+            UnixTime::now(),
+        )
         .unwrap_or_else(|e| panic!("webpki rejected the leaf for {host}: {e}"));
     // Another name must be rejected.
     let other = ServerName::try_from("not-this-host.example").unwrap();
     assert!(verifier
-        .verify_server_cert(&leaf.chain[0], &leaf.chain[1..], &other, &[], UnixTime::now())
+        .verify_server_cert(
+            &leaf.chain[0],
+            &leaf.chain[1..],
+            &other,
+            &[],
+            UnixTime::now()
+        )
         .is_err());
 
     let server_config = rustls::ServerConfig::builder_with_provider(provider())
@@ -160,7 +172,10 @@ fn rustls_verify(ca: &CertificateAuthority, leaf: &LeafCert, host: &str) {
             .process_new_packets()
             .unwrap_or_else(|e| panic!("TLS handshake for {host} failed: {e}"));
     }
-    assert!(!client.is_handshaking() && !server.is_handshaking(), "handshake did not finish");
+    assert!(
+        !client.is_handshaking() && !server.is_handshaking(),
+        "handshake did not finish"
+    );
 }
 
 /// Python's ssl with VERIFY_X509_STRICT | VERIFY_X509_PARTIAL_CHAIN (the
@@ -241,17 +256,21 @@ sys.exit(1)
 }
 
 fn ext_ski(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    cert.iter_extensions().find_map(|e| match e.parsed_extension() {
-        ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
-        _ => None,
-    })
+    cert.iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
 }
 
 fn ext_aki(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    cert.iter_extensions().find_map(|e| match e.parsed_extension() {
-        ParsedExtension::AuthorityKeyIdentifier(k) => k.key_identifier.as_ref().map(|k| k.0.to_vec()),
-        _ => None,
-    })
+    cert.iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(k) => {
+                k.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
 }
 
 #[test]
@@ -308,9 +327,15 @@ fn ca_certificate_shape() {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let nb = cert.validity().not_before.timestamp();
     let na = cert.validity().not_after.timestamp();
-    assert!((now - 86400 - 60..=now - 86400 + 60).contains(&nb), "not_before {nb} now {now}");
+    assert!(
+        (now - 86400 - 60..=now - 86400 + 60).contains(&nb),
+        "not_before {nb} now {now}"
+    );
     let ten_years = 3650 * 86400;
-    assert!(na - now >= ten_years && na - now <= ten_years + 4 * 86400, "not_after {na}");
+    assert!(
+        na - now >= ten_years && na - now <= ten_years + 4 * 86400,
+        "not_after {na}"
+    );
 
     let serial = cert.raw_serial();
     assert!(!serial.is_empty() && serial.len() <= 20);
@@ -400,8 +425,11 @@ fn mismatched_or_bad_files_are_rejected() {
 fn expired_or_non_ca_certificate_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    crate::write_private_file(&tmp.path().join("ca-key.pem"), key.serialize_pem().as_bytes())
-        .unwrap();
+    crate::write_private_file(
+        &tmp.path().join("ca-key.pem"),
+        key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
 
     // Not a CA.
     let params = CertificateParams::new(vec!["x.example".to_owned()]).unwrap();
@@ -436,7 +464,9 @@ fn check_leaf_shape(ca: &CertificateAuthority, leaf: &LeafCert, expect_cn: &str)
 
     assert_eq!(cert.issuer(), ca_cert.subject());
     assert!(
-        cert.subject().to_string().contains(&format!("CN={expect_cn}")),
+        cert.subject()
+            .to_string()
+            .contains(&format!("CN={expect_cn}")),
         "{}",
         cert.subject()
     );
@@ -452,19 +482,31 @@ fn check_leaf_shape(ca: &CertificateAuthority, leaf: &LeafCert, expect_cn: &str)
     let eku = cert.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.server_auth);
     let san = cert.subject_alternative_name().unwrap().unwrap();
-    assert!(!san.critical, "SAN must be non-critical when the subject is non-empty");
+    assert!(
+        !san.critical,
+        "SAN must be non-critical when the subject is non-empty"
+    );
 
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let nb = cert.validity().not_before.timestamp();
     let na = cert.validity().not_after.timestamp();
     assert_eq!(na, leaf.not_after_unix);
-    assert!((now - 3600 - 60..=now - 3600 + 60).contains(&nb), "not_before {nb}");
-    assert!((now + 7 * 86400 - 60..=now + 7 * 86400 + 60).contains(&na), "not_after {na}");
+    assert!(
+        (now - 3600 - 60..=now - 3600 + 60).contains(&nb),
+        "not_before {nb}"
+    );
+    assert!(
+        (now + 7 * 86400 - 60..=now + 7 * 86400 + 60).contains(&na),
+        "not_after {na}"
+    );
     assert_eq!(cert.raw_serial()[0] & 0x80, 0);
 
     // The private key belongs to the certificate.
     let kp = KeyPair::try_from(&leaf.key).unwrap();
-    assert_eq!(cert.public_key().raw, kp.subject_public_key_info().as_slice());
+    assert_eq!(
+        cert.public_key().raw,
+        kp.subject_public_key_info().as_slice()
+    );
 }
 
 #[test]
@@ -495,7 +537,10 @@ fn leaf_for_ipv4() {
     check_leaf_shape(&ca, &leaf, "127.0.0.1");
     let cert = parse(&leaf.chain[0]);
     let san = cert.subject_alternative_name().unwrap().unwrap();
-    assert_eq!(san.value.general_names, vec![GeneralName::IPAddress(&[127, 0, 0, 1])]);
+    assert_eq!(
+        san.value.general_names,
+        vec![GeneralName::IPAddress(&[127, 0, 0, 1])]
+    );
     let text = openssl_san(&ca, &leaf);
     assert!(text.contains("IP Address:127.0.0.1"), "{text}");
     assert!(!text.contains("DNS:"), "{text}");
@@ -561,7 +606,10 @@ fn leaves_are_fresh_and_names_normalized() {
     let b = ca.mint_leaf("example.com").unwrap();
     assert_ne!(a.chain[0], b.chain[0]);
     assert_ne!(a.key.secret_der(), b.key.secret_der());
-    assert_ne!(parse(&a.chain[0]).raw_serial(), parse(&b.chain[0]).raw_serial());
+    assert_ne!(
+        parse(&a.chain[0]).raw_serial(),
+        parse(&b.chain[0]).raw_serial()
+    );
 
     let c = ca.mint_leaf("Example.COM.").unwrap();
     check_leaf_shape(&ca, &c, "example.com");
