@@ -13,6 +13,7 @@ use crate::{Store, StoreError};
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const BATCH: usize = 512;
+const HEAD_KEY: &str = "audit_head";
 
 /// One stored audit record, as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -174,6 +175,14 @@ impl AuditWriter {
             prev = r.hash;
             seq += 1;
         }
+        // The head lets verify notice records deleted from the end.
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(HEAD_KEY)
+        .bind(format!("{}:{}", seq - 1, prev))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.next_seq = seq;
         self.prev_hash = prev;
@@ -314,6 +323,24 @@ impl Store {
                 prev_hash = r.hash;
                 expected_seq += 1;
                 count += 1;
+            }
+        }
+        let head: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = $1")
+            .bind(HEAD_KEY)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some((head,)) = head {
+            let (head_seq, head_hash) = head.split_once(':').unwrap_or(("", ""));
+            let head_seq: i64 = head_seq.parse().unwrap_or(-1);
+            if head_seq != count || head_hash != prev_hash {
+                return Ok(VerifyReport {
+                    ok: false,
+                    records: count,
+                    first_bad_seq: Some(count + 1),
+                    message: format!(
+                        "the chain ends at record {count} but the last record written was {head_seq}: records were deleted from the end"
+                    ),
+                });
             }
         }
         Ok(VerifyReport {

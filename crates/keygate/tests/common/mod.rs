@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+#[allow(unused_imports)]
 pub use test_support::{basic_auth, connect_raw, Keygate, Tunnel, Upstream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
