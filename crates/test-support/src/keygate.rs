@@ -28,6 +28,12 @@ impl Keygate {
         Self::start_in(bin, dir, data_dir, extra, &[])
     }
 
+    /// Like [`start`](Self::start) on an existing data dir (restart tests).
+    pub fn start_with_data_dir(bin: &Path, data_dir: &Path, extra: &[String]) -> Keygate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(bin, dir, data_dir.to_path_buf(), extra, &[])
+    }
+
     /// Like [`start`](Self::start) with extra environment variables.
     pub fn start_with_env(bin: &Path, extra: &[String], env: &[(&str, &str)]) -> Keygate {
         let dir = tempfile::tempdir().expect("tempdir");
