@@ -1,0 +1,217 @@
+//! The same store scenario on SQLite (always) and PostgreSQL (when
+//! KEYGATE_TEST_POSTGRES_URL names a server; `.ci/run` sets it). Each
+//! PostgreSQL run creates a fresh database and drops it afterwards.
+
+use std::sync::Arc;
+
+use keygate_core::{AuditEvent, Decision};
+use keygate_store::{AuditFilter, NewSecret, Store, StoreError};
+use keygate_vault::{MasterKey, Vault};
+use sqlx::Connection;
+use zeroize::Zeroizing;
+
+fn vault() -> Arc<Vault> {
+    Arc::new(Vault::new(MasterKey::generate()))
+}
+
+fn secret(name: &str, host: &str, path: &str, value: &str) -> NewSecret {
+    NewSecret {
+        name: name.into(),
+        host: host.into(),
+        path: path.into(),
+        header: "Authorization".into(),
+        format: "Bearer {secret}".into(),
+        value: Zeroizing::new(value.as_bytes().to_vec()),
+    }
+}
+
+fn event(agent: &str, status: u16) -> AuditEvent {
+    AuditEvent {
+        ts_ms: keygate_core::now_ms(),
+        agent: Some(agent.into()),
+        method: "GET".into(),
+        scheme: "https".into(),
+        host: "api.test".into(),
+        port: 443,
+        path: "/v1/models".into(),
+        status,
+        decision: Decision::Injected,
+        reason: None,
+        secrets: vec!["openai".into()],
+        duration_us: 42,
+    }
+}
+
+async fn scenario(url: &str) {
+    let vault = vault();
+    let store = Store::open(url, vault.clone()).await.expect("open store");
+    let snap = store.snapshot();
+
+    let info = store
+        .add_secret(secret("openai", "api.test", "/v1/*", "sk-value-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(info.hint, "6789");
+    assert_eq!(info.version, 1);
+    // Same patterns and header: refused as a tie; other header: fine.
+    let tie = store
+        .add_secret(secret("dup", "API.test", "/v1/*", "other-value-000000"))
+        .await;
+    assert!(matches!(tie, Err(StoreError::Conflict(_))), "{tie:?}");
+    let mut other = secret("org", "api.test", "/v1/*", "org-0000000000000");
+    other.header = "OpenAI-Organization".into();
+    other.format = "{secret}".into();
+    store.add_secret(other).await.unwrap();
+    assert!(matches!(
+        store
+            .add_secret(secret("openai", "b.test", "*", "zzzzzzzzzzzzzz"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let (agent, token) = store
+        .create_agent("bot", &["openai".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(agent.grants, vec!["openai".to_string()]);
+    let hash = store.token_hasher().hash(&token);
+    let entry = snap
+        .load()
+        .agent(&hash)
+        .cloned()
+        .expect("agent in snapshot");
+    assert_eq!(entry.grants.len(), 1);
+    let sealed = &entry.grants[0];
+    let plain = vault
+        .open(&sealed.id, sealed.version, &sealed.sealed)
+        .unwrap();
+    assert_eq!(&plain[..], b"sk-value-0123456789");
+
+    // Rotation publishes a new version at once.
+    store
+        .rotate_secret("openai", Zeroizing::new(b"sk-rotated-99999999".to_vec()))
+        .await
+        .unwrap();
+    let entry = snap.load().agent(&hash).cloned().unwrap();
+    let s = &entry.grants[0];
+    assert_eq!(s.version, 2);
+    assert_eq!(
+        &vault.open(&s.id, s.version, &s.sealed).unwrap()[..],
+        b"sk-rotated-99999999"
+    );
+
+    store.grant("bot", "org").await.unwrap();
+    assert_eq!(snap.load().agent(&hash).unwrap().grants.len(), 2);
+    store.revoke("bot", "org").await.unwrap();
+    assert_eq!(snap.load().agent(&hash).unwrap().grants.len(), 1);
+    assert!(matches!(
+        store.revoke("bot", "org").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let new_token = store.regenerate_token("bot").await.unwrap();
+    assert!(
+        snap.load().agent(&hash).is_none(),
+        "old token stops working"
+    );
+    let new_hash = store.token_hasher().hash(&new_token);
+    assert!(snap.load().agent(&new_hash).is_some());
+
+    // Audit: batch writer, query, verify, tamper detection.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
+    for i in 0..20 {
+        tx.send(event(if i % 2 == 0 { "bot" } else { "other" }, 200))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    writer.await.unwrap();
+    let all = store
+        .audit_query(&AuditFilter {
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 20);
+    assert_eq!(all[0].seq, 20, "newest first");
+    let bots = store
+        .audit_query(&AuditFilter {
+            agent: Some("bot".into()),
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(bots.len(), 10);
+    let page = store
+        .audit_query(&AuditFilter {
+            before_seq: Some(5),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 3]);
+    assert!(store.audit_verify().await.unwrap().ok);
+    store
+        .execute_raw("UPDATE audit SET path = '/v1/other' WHERE seq = 7")
+        .await
+        .unwrap();
+    let report = store.audit_verify().await.unwrap();
+    assert!(!report.ok);
+    assert_eq!(report.first_bad_seq, Some(7));
+
+    // A second store on the same database (another process) sees the same
+    // token-hash key and continues the audit chain.
+    let again = Store::open(url, vault.clone()).await.unwrap();
+    assert!(again.snapshot().load().agent(&new_hash).is_some());
+
+    // Opening with another master key fails clearly.
+    let wrong = Store::open(url, self::vault()).await;
+    assert!(matches!(wrong, Err(StoreError::Corrupt(_))), "{wrong:?}");
+
+    store.remove_secret("openai").await.unwrap();
+    assert!(snap.load().agent(&new_hash).unwrap().grants.is_empty());
+    store.remove_agent("bot").await.unwrap();
+    assert!(snap.load().agents.is_empty());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
+    scenario(&url).await;
+}
+
+#[tokio::test]
+async fn postgres_backend() {
+    let Ok(base) = std::env::var("KEYGATE_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "KEYGATE_TEST_POSTGRES_URL not set: PostgreSQL scenario not run here (.ci/run runs it)"
+        );
+        return;
+    };
+    sqlx::any::install_default_drivers();
+    let name = format!(
+        "keygate_test_{}_{}",
+        std::process::id(),
+        keygate_core::now_ms()
+    );
+    let mut admin = sqlx::AnyConnection::connect(&base)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').expect("URL with a database");
+    let url = format!("{prefix}/{name}");
+    scenario(&url).await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
