@@ -167,6 +167,18 @@ fn fmt_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// A JSON array of strings as "a,b,c".
+fn names(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 fn seg(s: &str) -> String {
     // Names are validated server-side to [A-Za-z0-9._-]; encode anything else.
     s.bytes()
@@ -227,14 +239,7 @@ async fn secret(client: &AdminClient, cmd: SecretCmd) -> Result<ExitCode> {
                         s["header"].as_str().unwrap_or(""),
                         s["hint"].as_str().unwrap_or(""),
                         fmt_ms(s["created_ms"].as_i64().unwrap_or(0)),
-                        s["agents"]
-                            .as_array()
-                            .map(|a| a
-                                .iter()
-                                .filter_map(|x| x.as_str())
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default()
+                        names(&s["agents"])
                     );
                 }
             }
@@ -299,14 +304,7 @@ async fn agent(client: &AdminClient, cmd: AgentCmd) -> Result<ExitCode> {
                         "{:<24} {:<25} {}",
                         a["name"].as_str().unwrap_or(""),
                         fmt_ms(a["created_ms"].as_i64().unwrap_or(0)),
-                        a["grants"]
-                            .as_array()
-                            .map(|g| g
-                                .iter()
-                                .filter_map(|x| x.as_str())
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default()
+                        names(&a["grants"])
                     );
                 }
             }
@@ -384,14 +382,7 @@ fn print_audit(r: &Value, as_json: bool) {
             .as_str()
             .map(|x| format!(" ({x})"))
             .unwrap_or_default(),
-        r["secrets"]
-            .as_array()
-            .map(|a| a
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(","))
-            .unwrap_or_default()
+        names(&r["secrets"])
     );
 }
 
