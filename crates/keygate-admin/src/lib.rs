@@ -1,21 +1,33 @@
-//! The admin API on :10254: REST under `/api/v1` (bearer admin token),
-//! `GET /healthz` and the public `GET /ca.pem`. It changes state only
-//! through the [`Store`], which republishes the gateway's snapshot before
-//! each call returns.
+//! The admin side of keygate on :10254: the REST API under `/api/v1`
+//! (bearer admin token, used by the CLI), the web dashboard (session cookie
+//! after signing in with the admin token or password, CSRF token on every
+//! form), `GET /healthz` and the public `GET /ca.pem`.
+//!
+//! Layout: [`api`] holds the REST handlers, [`pages`] the dashboard pages,
+//! [`auth`] sign-in, sessions and CSRF, [`ops`] the operations both share,
+//! [`ui`] the page layout. Every route is registered through [`RouteTable`],
+//! which records it so that a test can check the sign-in wall of each.
 #![forbid(unsafe_code)]
+
+mod api;
+mod auth;
+mod ops;
+mod pages;
+mod ui;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router};
-use keygate_store::{AuditFilter, NewSecret, Store, StoreError};
-use serde::Deserialize;
+use keygate_store::{Store, StoreError};
 use serde_json::json;
 use zeroize::Zeroizing;
+
+pub use auth::{Sessions, SESSION_COOKIE};
+pub use ops::MIN_PASSWORD_LEN;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -23,6 +35,31 @@ pub struct AdminState {
     pub store: Store,
     pub admin_token: Arc<Zeroizing<String>>,
     pub ca_pem: Arc<String>,
+    /// The proxy address agents use, shown in the dashboard's snippets.
+    pub proxy_addr: Option<String>,
+    /// Mark the session cookie `Secure` (set when served over TLS).
+    pub secure_cookies: bool,
+    /// Dashboard sessions (in memory; a restart signs everyone out).
+    pub sessions: Sessions,
+}
+
+impl AdminState {
+    pub fn new(store: Store, admin_token: Zeroizing<String>, ca_pem: String) -> AdminState {
+        AdminState {
+            store,
+            admin_token: Arc::new(admin_token),
+            ca_pem: Arc::new(ca_pem),
+            proxy_addr: None,
+            secure_cookies: false,
+            sessions: Sessions::default(),
+        }
+    }
+
+    /// Sets the proxy address shown in the "connect an agent" snippets.
+    pub fn with_proxy_addr(mut self, addr: impl Into<String>) -> AdminState {
+        self.proxy_addr = Some(addr.into());
+        self
+    }
 }
 
 /// An API error: JSON `{"error":{"code","message"}}` with a fitting status.
@@ -40,6 +77,24 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    fn internal(message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        tracing::error!(error = %message, "admin internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -70,236 +125,247 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: health, the CA certificate, the sign-in page, static assets.
+    Public,
+    /// `Authorization: Bearer <admin token>`; 401 JSON otherwise.
+    AdminToken,
+    /// A dashboard session; the sign-in page otherwise. Unsafe methods also
+    /// need the session's CSRF token.
+    Session,
+}
+
+/// One registered route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub access: Access,
+    pub method: &'static str,
+    /// The full path as registered, e.g. `/api/v1/secrets/{name}`.
+    pub path: String,
+}
+
+/// Builds a router out of three groups while recording every route.
+struct RouteTable {
+    public: Router<AdminState>,
+    api: Router<AdminState>,
+    pages: Router<AdminState>,
+    list: Vec<RouteInfo>,
+}
+
+impl RouteTable {
+    fn new() -> RouteTable {
+        RouteTable {
+            public: Router::new(),
+            api: Router::new(),
+            pages: Router::new(),
+            list: Vec::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        access: Access,
+        path: &'static str,
+        methods: &[&'static str],
+        handler: MethodRouter<AdminState>,
+    ) -> &mut RouteTable {
+        let full = match access {
+            Access::AdminToken => format!("/api/v1{path}"),
+            _ => path.to_string(),
+        };
+        for m in methods {
+            self.list.push(RouteInfo {
+                access,
+                method: m,
+                path: full.clone(),
+            });
+        }
+        let r = match access {
+            Access::Public => &mut self.public,
+            Access::AdminToken => &mut self.api,
+            Access::Session => &mut self.pages,
+        };
+        *r = std::mem::take(r).route(path, handler);
+        self
+    }
+}
+
+fn table() -> RouteTable {
+    use Access::{AdminToken as A, Public as P, Session as S};
+    let mut t = RouteTable::new();
+    t.add(
+        P,
+        "/healthz",
+        &["GET"],
+        get(|| async { Json(json!({"status": "ok"})) }),
+    )
+    .add(P, "/ca.pem", &["GET"], get(api::ca_pem))
+    .add(
+        P,
+        "/login",
+        &["GET", "POST"],
+        get(auth::login_page).post(auth::login),
+    )
+    .add(P, "/assets/app.css", &["GET"], get(ui::css))
+    .add(P, "/assets/app.js", &["GET"], get(ui::js));
+
+    t.add(
+        A,
+        "/secrets",
+        &["GET", "POST"],
+        get(api::list_secrets).post(api::add_secret),
+    )
+    .add(
+        A,
+        "/secrets/{name}",
+        &["GET", "DELETE"],
+        get(api::get_secret).delete(api::remove_secret),
+    )
+    .add(
+        A,
+        "/secrets/{name}/rotate",
+        &["POST"],
+        post(api::rotate_secret),
+    )
+    .add(
+        A,
+        "/agents",
+        &["GET", "POST"],
+        get(api::list_agents).post(api::create_agent),
+    )
+    .add(
+        A,
+        "/agents/{name}",
+        &["GET", "DELETE"],
+        get(api::get_agent).delete(api::remove_agent),
+    )
+    .add(
+        A,
+        "/agents/{name}/token",
+        &["POST"],
+        post(api::regenerate_token),
+    )
+    .add(
+        A,
+        "/agents/{name}/disable",
+        &["POST"],
+        post(api::disable_agent),
+    )
+    .add(
+        A,
+        "/agents/{name}/enable",
+        &["POST"],
+        post(api::enable_agent),
+    )
+    .add(
+        A,
+        "/agents/{name}/grants/{secret}",
+        &["PUT", "DELETE"],
+        put(api::grant).delete(api::revoke),
+    )
+    .add(A, "/audit", &["GET"], get(api::audit))
+    .add(A, "/audit/verify", &["GET"], get(api::audit_verify))
+    .add(A, "/ca", &["GET"], get(api::ca_json))
+    .add(A, "/admin/password", &["PUT"], put(api::set_password));
+
+    t.add(S, "/", &["GET"], get(pages::overview))
+        .add(S, "/logout", &["POST"], post(auth::logout))
+        .add(
+            S,
+            "/secrets",
+            &["GET", "POST"],
+            get(pages::secrets).post(pages::add_secret),
+        )
+        .add(S, "/secrets/{name}", &["GET"], get(pages::secret))
+        .add(
+            S,
+            "/secrets/{name}/rotate",
+            &["POST"],
+            post(pages::rotate_secret),
+        )
+        .add(
+            S,
+            "/secrets/{name}/delete",
+            &["GET", "POST"],
+            get(pages::confirm_delete_secret).post(pages::delete_secret),
+        )
+        .add(
+            S,
+            "/agents",
+            &["GET", "POST"],
+            get(pages::agents).post(pages::create_agent),
+        )
+        .add(S, "/agents/{name}", &["GET"], get(pages::agent))
+        .add(S, "/agents/{name}/grants", &["POST"], post(pages::grant))
+        .add(
+            S,
+            "/agents/{name}/grants/{secret}/revoke",
+            &["POST"],
+            post(pages::revoke),
+        )
+        .add(
+            S,
+            "/agents/{name}/token",
+            &["POST"],
+            post(pages::regenerate_token),
+        )
+        .add(
+            S,
+            "/agents/{name}/disable",
+            &["POST"],
+            post(pages::disable_agent),
+        )
+        .add(
+            S,
+            "/agents/{name}/enable",
+            &["POST"],
+            post(pages::enable_agent),
+        )
+        .add(
+            S,
+            "/agents/{name}/delete",
+            &["GET", "POST"],
+            get(pages::confirm_delete_agent).post(pages::delete_agent),
+        )
+        .add(S, "/audit", &["GET"], get(pages::audit))
+        .add(S, "/audit/rows", &["GET"], get(pages::audit_rows))
+        .add(S, "/audit/export", &["GET"], get(pages::audit_export))
+        .add(S, "/audit/verify", &["GET"], get(pages::audit_verify))
+        .add(S, "/audit/{seq}", &["GET"], get(pages::audit_record))
+        .add(S, "/ca", &["GET"], get(pages::ca));
+    t
+}
+
+/// Every route the admin listener serves, with who may call it.
+pub fn routes() -> Vec<RouteInfo> {
+    table().list
+}
+
 /// The whole admin router.
 pub fn router(state: AdminState) -> Router {
-    let api = Router::new()
-        .route("/secrets", get(list_secrets).post(add_secret))
-        .route("/secrets/{name}", get(get_secret).delete(remove_secret))
-        .route("/secrets/{name}/rotate", post(rotate_secret))
-        .route("/agents", get(list_agents).post(create_agent))
-        .route("/agents/{name}", get(get_agent).delete(remove_agent))
-        .route("/agents/{name}/token", post(regenerate_token))
-        .route("/agents/{name}/grants/{secret}", put(grant).delete(revoke))
-        .route("/audit", get(audit))
-        .route("/audit/verify", get(audit_verify))
-        .route("/ca", get(ca_json))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+    let t = table();
+    let api = t
+        .api
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin_token,
+        ))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
         });
+    let pages = t.pages.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_session,
+    ));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/ca.pem", get(ca_pem))
+        .merge(t.public)
+        .merge(pages)
         .nest("/api/v1", api)
+        .fallback(pages::not_found)
+        .layer(middleware::from_fn(ui::security_headers))
         .with_state(state)
-}
-
-async fn require_admin(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match presented {
-        Some(t) if keygate_vault::ct_eq(t.as_bytes(), state.admin_token.as_bytes()) => {
-            next.run(req).await
-        }
-        _ => {
-            let mut resp = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "admin token required: Authorization: Bearer <token from the data dir's admin-token file>",
-            )
-            .into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"keygate\""),
-            );
-            resp
-        }
-    }
-}
-
-async fn ca_pem(State(state): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/x-pem-file")],
-        state.ca_pem.as_str().to_string(),
-    )
-}
-
-async fn ca_json(State(state): State<AdminState>) -> impl IntoResponse {
-    Json(json!({ "pem": state.ca_pem.as_str() }))
-}
-
-#[derive(Deserialize)]
-struct AddSecret {
-    name: String,
-    host: String,
-    path: Option<String>,
-    header: Option<String>,
-    format: Option<String>,
-    value: String,
-}
-
-async fn add_secret(
-    State(state): State<AdminState>,
-    Json(body): Json<AddSecret>,
-) -> ApiResult<impl IntoResponse> {
-    let value = Zeroizing::new(body.value.into_bytes());
-    let info = state
-        .store
-        .add_secret(NewSecret {
-            name: body.name,
-            host: body.host,
-            path: body.path.unwrap_or_else(|| "*".into()),
-            header: body.header.unwrap_or_else(|| "Authorization".into()),
-            format: body.format.unwrap_or_else(|| "Bearer {secret}".into()),
-            value,
-        })
-        .await?;
-    Ok((StatusCode::CREATED, Json(info)))
-}
-
-#[derive(Deserialize)]
-struct RotateSecret {
-    value: String,
-}
-
-async fn rotate_secret(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    Json(body): Json<RotateSecret>,
-) -> ApiResult<impl IntoResponse> {
-    let value = Zeroizing::new(body.value.into_bytes());
-    Ok(Json(state.store.rotate_secret(&name, value).await?))
-}
-
-async fn list_secrets(State(state): State<AdminState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.list_secrets().await?))
-}
-
-async fn get_secret(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.secret(&name).await?))
-}
-
-async fn remove_secret(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    state.store.remove_secret(&name).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-struct CreateAgent {
-    name: String,
-    #[serde(default)]
-    grants: Vec<String>,
-}
-
-async fn create_agent(
-    State(state): State<AdminState>,
-    Json(body): Json<CreateAgent>,
-) -> ApiResult<impl IntoResponse> {
-    let (agent, token) = state.store.create_agent(&body.name, &body.grants).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "agent": agent, "token": token })),
-    ))
-}
-
-async fn list_agents(State(state): State<AdminState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.list_agents().await?))
-}
-
-async fn get_agent(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.agent(&name).await?))
-}
-
-async fn remove_agent(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    state.store.remove_agent(&name).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn regenerate_token(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let token = state.store.regenerate_token(&name).await?;
-    Ok(Json(json!({ "token": token })))
-}
-
-async fn grant(
-    State(state): State<AdminState>,
-    Path((name, secret)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    state.store.grant(&name, &secret).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn revoke(
-    State(state): State<AdminState>,
-    Path((name, secret)): Path<(String, String)>,
-) -> ApiResult<impl IntoResponse> {
-    state.store.revoke(&name, &secret).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-struct AuditParams {
-    agent: Option<String>,
-    decision: Option<String>,
-    host: Option<String>,
-    before: Option<i64>,
-    after: Option<i64>,
-    since_ms: Option<i64>,
-    limit: Option<i64>,
-}
-
-async fn audit(
-    State(state): State<AdminState>,
-    Query(p): Query<AuditParams>,
-) -> ApiResult<impl IntoResponse> {
-    if let Some(d) = &p.decision {
-        if keygate_core::Decision::parse(d).is_none() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                "decision must be injected, passthrough, denied or error",
-            ));
-        }
-    }
-    let filter = AuditFilter {
-        agent: p.agent,
-        decision: p.decision,
-        host: p.host,
-        before_seq: p.before,
-        after_seq: p.after,
-        since_ms: p.since_ms,
-        limit: p.limit,
-    };
-    Ok(Json(state.store.audit_query(&filter).await?))
-}
-
-async fn audit_verify(State(state): State<AdminState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.audit_verify().await?))
 }
 
 /// Serves the admin router on a bound listener until `shutdown` resolves.

@@ -26,6 +26,9 @@ use crate::{EgressGuard, GatewayError};
 pub struct UpstreamConnector {
     guard: Arc<EgressGuard>,
     tls: TlsConnector,
+    /// Same roots, ALPN `http/1.1` only: for upgrades (WebSocket), which
+    /// need an HTTP/1.1 connection of their own.
+    tls_http1: TlsConnector,
     connect_timeout: Duration,
 }
 
@@ -35,14 +38,29 @@ impl UpstreamConnector {
         tls: Arc<ClientConfig>,
         connect_timeout: Duration,
     ) -> UpstreamConnector {
+        let mut http1 = (*tls).clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         UpstreamConnector {
             guard,
             tls: TlsConnector::from(tls),
+            tls_http1: TlsConnector::from(Arc::new(http1)),
             connect_timeout,
         }
     }
 
+    /// Dials `uri` (checked by the egress guard) offering only HTTP/1.1, for
+    /// a connection that will be upgraded (WebSocket).
+    pub async fn connect_http1(&self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
+        let tls = self.tls_http1.clone();
+        self.clone().dial(uri, tls).await
+    }
+
     async fn connect(self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
+        let tls = self.tls.clone();
+        self.dial(uri, tls).await
+    }
+
+    async fn dial(self, uri: Uri, connector: TlsConnector) -> Result<UpstreamStream, GatewayError> {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -87,7 +105,7 @@ impl UpstreamConnector {
         let name = ServerName::try_from(host.to_string()).map_err(|_| {
             GatewayError::new(ErrorCode::BadRequest, format!("invalid server name {host}"))
         })?;
-        let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(name, tcp))
+        let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| {
                 GatewayError::new(

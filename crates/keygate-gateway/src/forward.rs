@@ -27,7 +27,16 @@ pub struct Destination {
 }
 
 impl Destination {
-    fn authority(&self) -> String {
+    /// `host` (IPv6 in brackets), for a Host header on the default port.
+    pub(crate) fn authority_without_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+
+    pub(crate) fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -86,7 +95,7 @@ impl RequestLog {
         }
     }
 
-    fn event(
+    pub(crate) fn event(
         self,
         agent: Option<String>,
         status: u16,
@@ -111,7 +120,7 @@ impl RequestLog {
     }
 }
 
-async fn emit(shared: &Shared, event: AuditEvent) {
+pub(crate) async fn emit(shared: &Shared, event: AuditEvent) {
     if shared.audit.send(event).await.is_err() {
         tracing::error!("audit channel closed: record lost");
     }
@@ -158,7 +167,36 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols
+/// (`Connection: upgrade` plus `Upgrade: websocket`, say).
+fn upgrade_wanted<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// `te: trailers` is the one TE value that crosses a proxy (gRPC needs it).
+fn keeps_te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -230,6 +268,7 @@ async fn send(
     agent: Option<String>,
     injected: Vec<String>,
 ) -> Response<Body> {
+    let agent_version = req.version();
     *req.version_mut() = Version::HTTP_11;
     let result =
         tokio::time::timeout(shared.config.response_timeout, shared.client.request(req)).await;
@@ -249,6 +288,7 @@ async fn send(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.version = agent_version;
     let decision = if injected.is_empty() {
         Decision::Passthrough
     } else {
@@ -299,7 +339,7 @@ pub(crate) async fn forward_https(
     shared: &Arc<Shared>,
     dest: &Destination,
     token_hash: Option<TokenHash>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     log: RequestLog,
 ) -> Response<Body> {
     // Revocation takes effect on the next request, even inside a tunnel.
@@ -332,6 +372,9 @@ pub(crate) async fn forward_https(
             (raw_path, Vec::new())
         }
     };
+    // An Upgrade (WebSocket) takes the agent's connection over once both
+    // sides switch protocols.
+    let upgrade = upgrade_wanted(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     let target = match parts.uri.query() {
         Some(q) => format!("https://{}{}?{}", dest.authority(), path, q),
@@ -344,7 +387,13 @@ pub(crate) async fn forward_https(
             return refuse(shared, log, name, &err).await;
         }
     };
+    let te_trailers = keeps_te_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI,
     // which names the destination we checked.
     parts.headers.remove(header::HOST);
@@ -352,6 +401,13 @@ pub(crate) async fn forward_https(
         Ok(n) => n,
         Err(err) => return refuse(shared, log, name, &err).await,
     };
+    if let Some((protocol, on_upgrade)) = upgrade {
+        let req = Request::from_parts(parts, body);
+        return crate::upgrade::forward(
+            shared, dest, req, protocol, on_upgrade, log, name, injected,
+        )
+        .await;
+    }
     let req = Request::from_parts(parts, body);
     send(shared, dest, req, log, name, injected).await
 }
@@ -394,4 +450,51 @@ pub(crate) async fn forward_plain(
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, body);
     send(shared, dest, req, log, name, Vec::new()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get("/ws");
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn upgrade_needs_connection_upgrade_and_an_upgrade_header() {
+        let r = req(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(upgrade_wanted(&r).unwrap(), "websocket");
+        assert!(upgrade_wanted(&req(&[("upgrade", "websocket")])).is_none());
+        assert!(upgrade_wanted(&req(&[("connection", "upgrade")])).is_none());
+        let mut h2 = req(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        *h2.version_mut() = Version::HTTP_2;
+        assert!(upgrade_wanted(&h2).is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_is_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert!(keeps_te_trailers(&h));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+        let mut g = HeaderMap::new();
+        g.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(!keeps_te_trailers(&g));
+    }
 }

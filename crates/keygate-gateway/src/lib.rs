@@ -12,6 +12,14 @@
 //! - [`proxy`]: the listener, CONNECT and absolute-form requests.
 //! - [`tunnel`]: TLS interception and the per-request forwarding inside it.
 //! - [`auth`], [`egress`], [`tls`], [`connector`]: one stage each.
+//! - `upgrade`: HTTP/1.1 Upgrade (WebSocket): the handshake gets
+//!   credentials like any request, then bytes are piped both ways with an
+//!   idle timeout.
+//!
+//! Bodies are never buffered: request and response frames stream through
+//! as they arrive (SSE, large uploads and downloads). Audit events pass a
+//! small batching stage before the store's writer. On shutdown every
+//! connection finishes its in-flight requests and closes.
 //!
 //! The gateway never touches the database: it reads an
 //! `ArcSwap<Snapshot>` and sends [`AuditEvent`]s down a channel.
@@ -25,6 +33,7 @@ mod forward;
 pub mod proxy;
 pub mod tls;
 pub mod tunnel;
+mod upgrade;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +49,7 @@ use keygate_core::{AuditEvent, Snapshot};
 use keygate_vault::{CertificateAuthority, TokenHasher, Vault};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 pub use connector::UpstreamConnector;
 pub use egress::EgressGuard;
@@ -68,6 +77,12 @@ pub struct GatewayConfig {
     pub pool_idle_timeout: Duration,
     /// Maximum concurrent agent connections.
     pub max_connections: usize,
+    /// An upgraded connection (WebSocket) with no byte in either direction
+    /// for this long is closed.
+    pub upgrade_idle_timeout: Duration,
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list) accepted
+    /// from an agent; larger heads are refused (431) or reset.
+    pub max_header_bytes: usize,
     /// Leaf certificates kept in memory.
     pub leaf_cache_size: usize,
 }
@@ -82,7 +97,52 @@ impl Default for GatewayConfig {
             header_read_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
             max_connections: 16_384,
+            upgrade_idle_timeout: Duration::from_secs(300),
+            max_header_bytes: 64 * 1024,
             leaf_cache_size: 1024,
+        }
+    }
+}
+
+/// Most audit events handed to the store's writer in one burst.
+const AUDIT_BURST: usize = 256;
+/// How long the first event of a burst waits for company.
+const AUDIT_LINGER: Duration = Duration::from_millis(5);
+
+/// Puts a batching stage in front of the store's audit writer: events are
+/// handed over in bursts (at most [`AUDIT_LINGER`] late) so that the writer
+/// commits one transaction per burst rather than one per request at low
+/// and moderate rates. Outside a runtime, events go straight through.
+fn audit_batcher(store: mpsc::Sender<AuditEvent>) -> mpsc::Sender<AuditEvent> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return store;
+    };
+    let (tx, rx) = mpsc::channel(store.max_capacity());
+    runtime.spawn(forward_audit_bursts(rx, store));
+    tx
+}
+
+async fn forward_audit_bursts(mut rx: mpsc::Receiver<AuditEvent>, store: mpsc::Sender<AuditEvent>) {
+    let mut burst = Vec::with_capacity(AUDIT_BURST);
+    // Ends (after handing over what it holds) when every gateway sender is
+    // gone, which in turn lets the store's writer finish.
+    while rx.recv_many(&mut burst, AUDIT_BURST).await > 0 {
+        // Sleep rather than receive while lingering: senders then never wake
+        // this task, only the first event of a burst does.
+        if burst.len() < AUDIT_BURST {
+            tokio::time::sleep(AUDIT_LINGER).await;
+            while burst.len() < AUDIT_BURST {
+                match rx.try_recv() {
+                    Ok(event) => burst.push(event),
+                    Err(_) => break,
+                }
+            }
+        }
+        for event in burst.drain(..) {
+            if store.send(event).await.is_err() {
+                tracing::error!("audit writer gone: records lost");
+                return;
+            }
         }
     }
 }
@@ -95,6 +155,12 @@ pub(crate) struct Shared {
     pub leaves: LeafCertCache,
     pub guard: Arc<EgressGuard>,
     pub client: Client<UpstreamConnector, Incoming>,
+    /// The client's connector, for upgraded (WebSocket) connections that
+    /// are not pooled.
+    pub connector: UpstreamConnector,
+    /// Flips to `true` when the gateway stops: connections finish their
+    /// in-flight requests and close.
+    pub closing: watch::Sender<bool>,
     pub audit: mpsc::Sender<AuditEvent>,
     pub config: GatewayConfig,
 }
@@ -125,7 +191,9 @@ impl Gateway {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(64)
-            .build(connector);
+            .build(connector.clone());
+        let (closing, _) = watch::channel(false);
+        let audit = audit_batcher(audit);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 snapshot,
@@ -134,14 +202,18 @@ impl Gateway {
                 leaves: LeafCertCache::new(ca, config.leaf_cache_size),
                 guard,
                 client,
+                connector,
+                closing,
                 audit,
                 config,
             }),
         })
     }
 
-    /// Accepts agent connections until `shutdown` resolves, then waits up to
-    /// `drain` for open connections to finish.
+    /// Accepts agent connections until `shutdown` resolves, then asks every
+    /// connection to close once its in-flight requests are answered (idle
+    /// keep-alive connections close at once) and waits up to `drain` for
+    /// them and for open streams and upgraded connections.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -181,6 +253,7 @@ impl Gateway {
             ));
         }
         drop(listener);
+        let _ = self.shared.closing.send(true);
         let all = u32::try_from(max).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(drain, limit.acquire_many(all)).await;
     }

@@ -38,9 +38,20 @@ pub(crate) async fn serve_connection(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.header_read_timeout)
+        .max_buf_size(shared.config.max_header_bytes.max(8192))
         .serve_connection(io, service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let mut closing = shared.closing.subscribe();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+            // Shutdown: answer what is in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "agent connection ended with an error");
     }
 }

@@ -80,15 +80,30 @@ pub(crate) async fn run(
             )
         }
     });
+    let max_header = shared.config.max_header_bytes.max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.header_read_timeout);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-        .await
-    {
+        .header_read_timeout(shared.config.header_read_timeout)
+        .max_buf_size(max_header);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(shared.config.header_read_timeout))
+        .keep_alive_timeout(shared.config.handshake_timeout);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let mut closing = shared.closing.subscribe();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel connection ended with an error");
     }
 }

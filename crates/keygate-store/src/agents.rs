@@ -19,7 +19,7 @@ impl Store {
         let hash = hex::encode(self.token_hasher().hash(&token));
         let id = new_id("agt");
         let now = now_ms();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM agents WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -56,7 +56,7 @@ impl Store {
 
     /// Grants an agent a secret (idempotent).
     pub async fn grant(&self, agent: &str, secret: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let aid = agent_id(&mut tx, agent).await?;
         let sid = secret_id(&mut tx, secret).await?;
         sqlx::query(
@@ -73,7 +73,7 @@ impl Store {
 
     /// Revokes a grant. Takes effect on the agent's next request.
     pub async fn revoke(&self, agent: &str, secret: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let aid = agent_id(&mut tx, agent).await?;
         let sid = secret_id(&mut tx, secret).await?;
         let done = sqlx::query("DELETE FROM grants WHERE agent_id = $1 AND secret_id = $2")
@@ -92,7 +92,7 @@ impl Store {
 
     /// Deletes an agent: its token stops working on the next request.
     pub async fn remove_agent(&self, name: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let aid = agent_id(&mut tx, name).await?;
         sqlx::query("DELETE FROM grants WHERE agent_id = $1")
             .bind(&aid)
@@ -122,6 +122,20 @@ impl Store {
         Ok(token)
     }
 
+    /// Disables or re-enables an agent. A disabled agent's token gets 407 on
+    /// its next request, inside open tunnels too; grants are kept.
+    pub async fn set_agent_disabled(&self, name: &str, disabled: bool) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE agents SET disabled = $1 WHERE name = $2")
+            .bind(i64::from(disabled))
+            .bind(name)
+            .execute(self.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("agent {name:?}")));
+        }
+        self.refresh().await
+    }
+
     pub async fn agent(&self, name: &str) -> Result<AgentInfo, StoreError> {
         self.list_agents()
             .await?
@@ -132,7 +146,7 @@ impl Store {
 
     /// All agents, by name, without tokens.
     pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, created_ms FROM agents ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, created_ms, disabled FROM agents ORDER BY name")
             .fetch_all(self.pool())
             .await?;
         let grants: Vec<(String, String)> = sqlx::query_as(
@@ -151,6 +165,7 @@ impl Store {
                     .collect(),
                 name: row.try_get("name")?,
                 created_ms: row.try_get("created_ms")?,
+                disabled: row.try_get::<i64, _>("disabled")? != 0,
                 id,
             });
         }

@@ -9,6 +9,7 @@
 
 mod agents;
 mod audit;
+mod dashboard;
 mod error;
 mod model;
 mod secrets;
@@ -59,6 +60,10 @@ pub struct Store {
     /// Serialises snapshot rebuilds so that an older build never replaces a
     /// newer one.
     rebuild: Arc<Mutex<u64>>,
+    /// Serialises this process's write transactions (mutations and audit
+    /// batches): SQLite allows one writer, and a deferred transaction that
+    /// reads first would fail to upgrade instead of waiting.
+    writer: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -109,6 +114,7 @@ impl Store {
             hasher,
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             rebuild: Arc::new(Mutex::new(0)),
+            writer: Arc::new(Mutex::new(())),
         };
         store.refresh().await?;
         Ok(store)
@@ -136,9 +142,47 @@ impl Store {
         &self.pool
     }
 
+    /// Begins a write transaction: one at a time in this process, and
+    /// `BEGIN IMMEDIATE` on SQLite so the write lock is taken up front (other
+    /// processes then wait on the busy timeout instead of failing).
+    pub(crate) async fn write_tx(&self) -> Result<WriteTx, StoreError> {
+        let guard = self.writer.clone().lock_owned().await;
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _guard: guard })
+    }
+
     /// Closes the pool (after the audit writer has flushed).
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A write transaction holding this process's writer slot until dropped.
+pub(crate) struct WriteTx {
+    pub tx: sqlx::Transaction<'static, sqlx::Any>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
     }
 }
 

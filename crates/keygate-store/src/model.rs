@@ -35,6 +35,8 @@ pub struct AgentInfo {
     pub id: String,
     pub name: String,
     pub created_ms: i64,
+    /// A disabled agent's token is refused (407) until it is enabled again.
+    pub disabled: bool,
     /// Names of the secrets granted.
     pub grants: Vec<String>,
 }

@@ -86,7 +86,7 @@ impl Store {
         }
         let spec = RuleSpec { host, path, header };
 
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let rows = sqlx::query("SELECT name, host_pattern, path_pattern, header FROM secrets")
             .fetch_all(&mut *tx)
             .await?;
@@ -153,7 +153,7 @@ impl Store {
                 "secret value contains a line break or NUL".into(),
             ));
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT id, version FROM secrets WHERE name = $1")
                 .bind(name)
@@ -183,7 +183,7 @@ impl Store {
 
     /// Deletes a secret and every grant of it.
     pub async fn remove_secret(&self, name: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let row: Option<(String,)> = sqlx::query_as("SELECT id FROM secrets WHERE name = $1")
             .bind(name)
             .fetch_optional(&mut *tx)

@@ -66,7 +66,7 @@ impl Store {
         }
 
         let rows: Vec<(String, String, String)> =
-            sqlx::query_as("SELECT id, name, token_hash FROM agents")
+            sqlx::query_as("SELECT id, name, token_hash FROM agents WHERE disabled = 0")
                 .fetch_all(self.pool())
                 .await?;
         let mut agents: HashMap<TokenHash, Arc<AgentEntry>> = HashMap::with_capacity(rows.len());

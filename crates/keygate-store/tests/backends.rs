@@ -109,6 +109,20 @@ async fn scenario(url: &str) {
         Err(StoreError::NotFound(_))
     ));
 
+    store.set_agent_disabled("bot", true).await.unwrap();
+    assert!(snap.load().agent(&hash).is_none(), "disabled agent refused");
+    assert!(store.agent("bot").await.unwrap().disabled);
+    store.set_agent_disabled("bot", false).await.unwrap();
+    assert_eq!(
+        snap.load().agent(&hash).unwrap().grants.len(),
+        1,
+        "grants kept"
+    );
+    assert!(matches!(
+        store.set_agent_disabled("nobody", true).await,
+        Err(StoreError::NotFound(_))
+    ));
+
     let new_token = store.regenerate_token("bot").await.unwrap();
     assert!(
         snap.load().agent(&hash).is_none(),
@@ -214,4 +228,32 @@ async fn postgres_backend() {
         .execute(&mut admin)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn large_audit_batches_keep_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
+    let store = Store::open(&url, vault()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    // Fill the channel before the writer starts so batches span several
+    // multi-row INSERT chunks.
+    for i in 0..700 {
+        tx.send(event("bot", 200 + (i % 3) as u16)).await.unwrap();
+    }
+    let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
+    drop(tx);
+    writer.await.unwrap();
+    let report = store.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 700);
+    let newest = store
+        .audit_query(&AuditFilter {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(newest[0].seq, 700);
+    assert_eq!(newest[0].status, 200, "seq 700 was event 699: status 200 + 699 % 3");
 }

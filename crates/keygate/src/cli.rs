@@ -48,6 +48,9 @@ pub enum Command {
     /// The local CA.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Dashboard administration (`admin set-password`).
+    #[command(subcommand)]
+    Admin(AdminCmd),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +79,29 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Mark dashboard session cookies `Secure`: set this when the admin
+    /// listener is reached through a TLS-terminating reverse proxy.
+    #[arg(long, env = "KEYGATE_ADMIN_SECURE_COOKIES")]
+    pub admin_secure_cookies: bool,
+    /// Seconds an agent may take to send a request head (slow clients are
+    /// dropped).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub header_read_timeout: u64,
+    /// Seconds allowed for each of the upstream TCP connect and TLS
+    /// handshake.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds allowed for the upstream's response headers (long LLM
+    /// completions can take minutes).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub response_timeout: u64,
+    /// Seconds an upgraded connection (WebSocket) may stay idle.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub upgrade_idle_timeout: u64,
+    /// Seconds to let in-flight requests and streams finish after
+    /// SIGTERM/SIGINT.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub shutdown_grace: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +161,10 @@ pub enum AgentCmd {
     Revoke { name: String, secret: String },
     /// Delete an agent; its token stops working at once.
     Rm { name: String },
+    /// Disable an agent: its token is refused (407) until enabled; grants stay.
+    Disable { name: String },
+    /// Enable a disabled agent.
+    Enable { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -183,4 +213,11 @@ pub enum AuditCmd {
 pub enum CaCmd {
     /// Print the CA certificate (PEM) on stdout.
     Cert,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Set the dashboard's admin password (argon2id hash in the database).
+    /// Read from stdin when it is not a terminal, else prompted twice.
+    SetPassword,
 }

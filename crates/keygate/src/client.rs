@@ -113,7 +113,7 @@ pub fn main(data_dir: Option<PathBuf>, admin_url: &str, cmd: Command) -> Result<
                 print!("{pem}");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve(_) | Command::Run(_) => unreachable_command(),
+            Command::Serve(_) | Command::Run(_) | Command::Admin(_) => unreachable_command(),
         }
     })
 }
@@ -328,6 +328,28 @@ async fn agent(client: &AdminClient, cmd: AgentCmd) -> Result<ExitCode> {
                 )
                 .await?;
             eprintln!("agent {name} no longer uses secret {secret}");
+        }
+        AgentCmd::Disable { name } => {
+            client
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/agents/{}/disable", seg(&name)),
+                    None,
+                )
+                .await?;
+            eprintln!(
+                "agent {name} disabled: its token is refused until `keygate agent enable {name}`"
+            );
+        }
+        AgentCmd::Enable { name } => {
+            client
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/agents/{}/enable", seg(&name)),
+                    None,
+                )
+                .await?;
+            eprintln!("agent {name} enabled");
         }
         AgentCmd::Rm { name } => {
             client

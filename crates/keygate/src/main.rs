@@ -2,6 +2,7 @@
 //! library crates; this stays thin.
 #![forbid(unsafe_code)]
 
+mod admin_cmd;
 mod cli;
 mod client;
 mod paths;
@@ -15,6 +16,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Serve(args) => serve::main(cli.data_dir, args),
         cli::Command::Run(args) => run::main(cli.data_dir, &cli.admin_url, args),
+        cli::Command::Admin(cmd) => admin_cmd::main(cli.data_dir, &cli.admin_url, cmd),
         cmd => client::main(cli.data_dir, &cli.admin_url, cmd),
     };
     match result {

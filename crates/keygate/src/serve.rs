@@ -172,6 +172,10 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let guard = EgressGuard::new(allow, vec![proxy_addr, admin_addr], overrides);
     let config = GatewayConfig {
         upstream_roots,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout.max(1)),
+        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        response_timeout: Duration::from_secs(args.response_timeout.max(1)),
+        upgrade_idle_timeout: Duration::from_secs(args.upgrade_idle_timeout.max(1)),
         ..GatewayConfig::default()
     };
     let gateway = Gateway::new(
@@ -191,13 +195,11 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let proxy_task = tokio::spawn(gateway.serve(
         proxy_listener,
         stopped(stop_rx.clone()),
-        Duration::from_secs(10),
+        Duration::from_secs(args.shutdown_grace),
     ));
-    let admin_state = AdminState {
-        store: store.clone(),
-        admin_token: Arc::new(admin_token),
-        ca_pem: Arc::new(ca.cert_pem().to_string()),
-    };
+    let mut admin_state = AdminState::new(store.clone(), admin_token, ca.cert_pem().to_string())
+        .with_proxy_addr(proxy_addr.to_string());
+    admin_state.secure_cookies = args.admin_secure_cookies;
     let admin_task = tokio::spawn(keygate_admin::serve(
         admin_listener,
         admin_state,

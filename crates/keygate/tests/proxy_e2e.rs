@@ -541,3 +541,39 @@ async fn upstream_certificate_failure_is_502_naming_the_cause() {
     );
     assert!(up.seen().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_agent_is_refused_until_enabled() {
+    let w = world().await;
+    w.add_openai();
+    let token = w.agent("bot", &["openai"]);
+    let mut t = Tunnel::open(
+        w.kg.proxy,
+        "api.test:443",
+        &token,
+        "api.test",
+        &w.kg.ca_pem(),
+    )
+    .await
+    .unwrap();
+    let a = t.get("/v1/x", &[("host", "api.test")]).await.unwrap();
+    assert_eq!(a.status, 200);
+    w.kg.cli_ok(&["agent", "disable", "bot"], None);
+    let a = t.get("/v1/x", &[("host", "api.test")]).await.unwrap();
+    assert_eq!(a.status, 407, "disabled inside an open tunnel");
+    let e = connect_raw(w.kg.proxy, "api.test:443", Some(&basic_auth(&token)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 407);
+    let list = w.kg.cli_ok(&["agent", "list", "--json"], None);
+    assert!(list.contains("\"disabled\":true"), "{list}");
+    w.kg.cli_ok(&["agent", "enable", "bot"], None);
+    w.up.clear();
+    let a = t.get("/v1/x", &[("host", "api.test")]).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        w.up.last().unwrap().header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str()),
+        "grants survive disable/enable"
+    );
+}

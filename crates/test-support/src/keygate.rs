@@ -126,6 +126,11 @@ impl Keygate {
         }
     }
 
+    /// The process id of `keygate serve` (to read /proc in tests).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.proxy)
     }

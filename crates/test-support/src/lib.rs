@@ -5,10 +5,16 @@
 //!   fresh data dir, plus helpers to run CLI commands against it.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod keygate;
+mod streaming;
 mod tunnel;
 mod upstream;
 
+pub use agent::{agent_tls, empty_body, AgentBody, AgentConn, AgentProto, RepeatBody};
 pub use keygate::Keygate;
+// Re-exported so tests build requests with the same versions.
+pub use streaming::{Alpn, StreamUpstream};
 pub use tunnel::{basic_auth, connect_raw, Answer, ConnectRefused, Tunnel};
 pub use upstream::{Seen, Upstream};
+pub use {bytes, http, http_body_util, hyper};

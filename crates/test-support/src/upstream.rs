@@ -196,6 +196,12 @@ async fn echo(
     resp
 }
 
+/// A CA (PEM) and a server config whose leaf names `names`, for other
+/// upstreams of this crate.
+pub(crate) fn tls_config_for(names: &[&str]) -> (String, ServerConfig) {
+    tls_config(names)
+}
+
 /// A CA and a server config whose leaf names `names`.
 fn tls_config(names: &[&str]) -> (String, ServerConfig) {
     let ca_key = KeyPair::generate().expect("ca key");

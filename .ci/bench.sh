@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Bounded smoke of the benchmark harness (about a minute with a warm build):
+# builds the release binaries, runs every scenario for 1 s and checks that
+# each one completed without errors. Needs oha (cargo install oha --locked),
+# nginx, openssl, curl, python3; installs oha and nginx when missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+command -v oha >/dev/null || cargo install oha --locked --quiet
+command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+./bench/run.sh --quick --out "$out"
+python3 - "$out/latest.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+bad = []
+for r in d["scenarios"]:
+    if "skipped" in r:
+        bad.append(f"{r['scenario']}: skipped: {r['skipped']}")
+        continue
+    for leg in ("direct", "keygate"):
+        x = r[leg]
+        if x["ok"] == 0 or x["errors"] or x["non_2xx"]:
+            bad.append(f"{r['scenario']} {leg}: ok={x['ok']} errors={x['errors']} non_2xx={x['non_2xx']}")
+if bad:
+    print("bench smoke failed:\n" + "\n".join(bad)); sys.exit(1)
+print("bench smoke ok:", len(d["scenarios"]), "scenarios")
+PY

@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""keygate load benchmark: direct client -> upstream vs client -> keygate
+(injection + audit on) -> upstream, on loopback, in one run.
+
+Started by bench/run.sh (which builds the release binaries); see
+bench/README.md. Needs: oha, nginx, openssl, curl. Writes
+bench/results/latest.{md,json} (or --out DIR).
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HOST = "api.bench.test"
+SECRET = "sk-bench-0123456789abcdef"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = 1024 * 1024
+
+
+def log(*a):
+    print("bench:", *a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu(pid):
+    """CPU seconds per thread name (tokio-rt-worker, sqlx-sqlite-worker...)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def mem_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak(pid):
+    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(path, pattern, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            text = Path(path).read_text()
+            m = re.search(pattern, text, re.M)
+            if m:
+                return m
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {pattern!r} in {path}:\n" + Path(path).read_text())
+
+
+class World:
+    """Certificates, nginx, the streaming upstream and keygate, in a temp dir."""
+
+    def __init__(self, bindir, work):
+        self.bindir = Path(bindir)
+        self.work = Path(work)
+        self.procs = []
+
+    def close(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    def certs(self):
+        w = self.work
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "2", "-subj", "/CN=keygate bench CA",
+             "-keyout", w / "ca.key", "-out", w / "ca.pem"])
+        run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-subj", f"/CN={HOST}", "-keyout", w / "leaf.key", "-out", w / "leaf.csr"])
+        (w / "ext.cnf").write_text(
+            f"subjectAltName=DNS:{HOST}\nextendedKeyUsage=serverAuth\n"
+            "basicConstraints=CA:FALSE\n")
+        run(["openssl", "x509", "-req", "-in", w / "leaf.csr", "-CA", w / "ca.pem",
+             "-CAkey", w / "ca.key", "-CAcreateserial", "-days", "2",
+             "-extfile", w / "ext.cnf", "-out", w / "leaf.pem"])
+        self.ca = w / "ca.pem"
+
+    def nginx(self, http2=True):
+        w = self.work
+        self.h2 = " http2" if http2 else ""
+        self.nginx_port = free_port()
+        body = json.dumps({"id": "bench", "object": "chat.completion",
+                           "pad": "x" * 940})[:1024]
+        body = body + " " * (1024 - len(body))
+        assert len(body) == 1024
+        for d in ("tmp", "logs"):
+            (w / d).mkdir(exist_ok=True)
+        conf = f"""
+worker_processes 1;
+daemon off;
+pid {w}/nginx.pid;
+error_log {w}/logs/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {w}/tmp;
+  proxy_temp_path {w}/tmp;
+  fastcgi_temp_path {w}/tmp;
+  uwsgi_temp_path {w}/tmp;
+  scgi_temp_path {w}/tmp;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  http2_max_requests 10000000;
+  server {{
+    listen 127.0.0.1:{self.nginx_port} ssl{self.h2};
+    server_name {HOST};
+    ssl_certificate {w}/leaf.pem;
+    ssl_certificate_key {w}/leaf.key;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / {{
+      default_type application/json;
+      return 200 '{body}';
+    }}
+  }}
+}}
+"""
+        (w / "nginx.conf").write_text(conf)
+        p = subprocess.Popen(["nginx", "-p", str(w), "-c", str(w / "nginx.conf")],
+                             stdout=subprocess.DEVNULL, stderr=open(w / "nginx.out", "w"))
+        self.procs.append(p)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.nginx_port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("nginx did not start: " + (w / "nginx.out").read_text())
+
+    def upstream_cpu(self):
+        """CPU seconds of nginx (master and workers)."""
+        master = self.procs[0].pid
+        pids = [master]
+        try:
+            pids += [int(p) for p in
+                     Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+        except OSError:
+            pass
+        total = 0.0
+        for p in pids:
+            try:
+                total += cpu_seconds(p)
+            except OSError:
+                pass
+        return total
+
+    def stream_upstream(self):
+        exe = self.bindir / "stream-upstream"
+        if not exe.exists():
+            self.stream = None
+            return
+        out = self.work / "stream.out"
+        p = subprocess.Popen([str(exe), HOST], stdout=open(out, "w"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        m = wait_for(out, r"tls=(\S+) plain=(\S+) ca=(\S+)")
+        self.stream = {"tls": m.group(1), "ca": m.group(3)}
+
+    def keygate(self):
+        w = self.work
+        env = dict(os.environ, KEYGATE_DATA_DIR=str(w / "data"))
+        for k in ("KEYGATE_MASTER_KEY", "KEYGATE_MASTER_KEY_FILE", "KEYGATE_DATABASE_URL",
+                  "KEYGATE_LOG"):
+            env.pop(k, None)
+        self.env = env
+        args = [str(self.bindir / "keygate"), "serve", "--proxy-listen", "127.0.0.1:0",
+                "--admin-listen", "127.0.0.1:0", "--upstream-ca", str(self.ca),
+                "--allow-net", "127.0.0.0/8",
+                "--resolve", f"{HOST}:443=127.0.0.1:{self.nginx_port}"]
+        if self.stream:
+            args += ["--upstream-ca", self.stream["ca"],
+                     "--resolve", f"{HOST}:8443={self.stream['tls']}"]
+        out = w / "keygate.log"
+        p = subprocess.Popen(args, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        self.kg = p
+        m = wait_for(out, r"^keygate: proxy on http://(\S+) +admin API on http://(\S+)")
+        self.proxy, admin = m.group(1), m.group(2)
+        env["KEYGATE_ADMIN_URL"] = f"http://{admin}"
+        kg = str(self.bindir / "keygate")
+        subprocess.run([kg, "secret", "add", "bench", "--host", HOST, "--path", "/v1/*"],
+                       input=SECRET, text=True, env=env, check=True, capture_output=True)
+        if self.stream:
+            subprocess.run([kg, "secret", "add", "bench-stream", "--host", f"{HOST}:8443",
+                            "--path", "/sse"],
+                           input=SECRET, text=True, env=env, check=True, capture_output=True)
+        grants = ["--grant", "bench"] + (["--grant", "bench-stream"] if self.stream else [])
+        token = subprocess.run([kg, "agent", "create", "bench"] + grants, env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        self.token = token
+        self.kg_ca = w / "data" / "ca.pem"
+
+    def audit_count(self):
+        out = subprocess.run([str(self.bindir / "keygate"), "audit", "--json", "--limit", "1"],
+                             env=self.env, capture_output=True, text=True)
+        return out.stdout.strip()
+
+
+# ---------------------------------------------------------------- load
+
+
+def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=None,
+        requests=None):
+    url = f"https://{HOST}/v1/chat/completions"
+    cmd = ["oha", "--no-tui", "--output-format", "json", "-c", str(conc),
+           "-H", "Authorization: Bearer placeholder"]
+    if requests:
+        cmd += ["-n", str(requests)]
+    else:
+        cmd += ["-z", f"{seconds}s"]
+    if http2:
+        cmd += ["--http2"]
+    if not keepalive:
+        cmd += ["--disable-keepalive"]
+    if rate:
+        cmd += ["-q", str(rate)]
+    if via_keygate:
+        auth = base64.b64encode(f"agent:{world.token}".encode()).decode()
+        cmd += ["--no-pre-lookup", "-x", f"http://{world.proxy}", "--proxy-header",
+                f"Proxy-Authorization: Basic {auth}", "--cacert", str(world.kg_ca)]
+    else:
+        cmd += ["--connect-to", f"{HOST}:443:127.0.0.1:{world.nginx_port}",
+                "--cacert", str(world.ca)]
+    cmd.append(url)
+    pid = world.kg.pid
+    up0 = world.upstream_cpu()
+    cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 30) * 4 + 60)
+    wall = time.time() - t0
+    cpu1, threads1 = cpu_seconds(pid), thread_cpu(pid)
+    up1 = world.upstream_cpu()
+    if out.returncode != 0:
+        raise SystemExit(f"oha failed ({out.returncode}): {out.stderr}\n{' '.join(cmd)}")
+    data = json.loads(out.stdout)
+    codes = data.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    total = sum(codes.values())
+    # Requests cut off by the end of a -z run are not failures.
+    errors = sum(v for k, v in data.get("errorDistribution", {}).items()
+                 if "deadline" not in k)
+    pct = data.get("latencyPercentiles", {})
+    res = {
+        "requests": total,
+        "ok": ok,
+        "errors": errors,
+        "non_2xx": total - ok,
+        "rps": data["summary"].get("requestsPerSec") or 0.0,
+        "p50_us": (pct.get("p50") or 0) * 1e6,
+        "p99_us": (pct.get("p99") or 0) * 1e6,
+        "wall_s": wall,
+    }
+    if total:
+        # Calibration: what the (C, event-driven) upstream spends per request.
+        res["upstream_cpu_us_per_req"] = (up1 - up0) * 1e6 / total
+    if via_keygate and total:
+        res["kg_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+        # The audit writer (SQLite, its own thread) apart from the proxy.
+        audit = sum(v - threads0.get(k, 0.0) for k, v in threads1.items() if k.startswith("sqlx"))
+        res["kg_audit_cpu_us_per_req"] = audit * 1e6 / total
+        res["kg_proxy_cpu_us_per_req"] = res["kg_cpu_us_per_req"] - res["kg_audit_cpu_us_per_req"]
+    return res
+
+
+def sse_ttfb(world, via_keygate, n):
+    """Median/max time to first SSE event (curl time_starttransfer is the first
+    body byte), stream held open by the upstream for 1 s after the event."""
+    if not world.stream or n <= 0:
+        return None
+    host, port = world.stream["tls"].rsplit(":", 1)
+    url = f"https://{HOST}:8443/sse?events=1&hold_ms=300"
+    times = []
+    for _ in range(n):
+        cmd = ["curl", "-sS", "-N", "--max-time", "10", "-o", "/dev/null", "-w",
+               "%{time_starttransfer} %{time_appconnect}", "-H", "Authorization: Bearer placeholder"]
+        if via_keygate:
+            cmd += ["--proxy", f"http://agent:{world.token}@{world.proxy}",
+                    "--cacert", str(world.kg_ca)]
+        else:
+            cmd += ["--connect-to", f"{HOST}:8443:{host}:{port}", "--cacert", world.stream["ca"]]
+        out = subprocess.run(cmd + [url], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+        if out.returncode not in (0, 28):
+            raise SystemExit(f"curl failed: {out.stderr}")
+        start, app = (float(x) for x in out.stdout.split())
+        times.append((start - app) * 1e6)
+    times.sort()
+    return {"requests": n, "p50_us": times[len(times) // 2], "max_us": times[-1]}
+
+
+async def _open_tunnels(world, n, conc=64):
+    import asyncio
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(world.kg_ca))
+    ctx.set_alpn_protocols(["http/1.1"])
+    host, port = world.proxy.rsplit(":", 1)
+    auth = base64.b64encode(f"agent:{world.token}".encode()).decode()
+    held, errors = [], 0
+    sem = asyncio.Semaphore(conc)
+
+    async def one():
+        nonlocal errors
+        async with sem:
+            try:
+                r, w = await asyncio.open_connection(host, int(port))
+                w.write(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n"
+                        f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+                head = await r.readuntil(b"\r\n\r\n")
+                if b" 200" not in head.split(b"\r\n")[0]:
+                    raise OSError(head[:40])
+                await w.start_tls(ctx, server_hostname=HOST)
+                held.append(w)
+            except Exception:
+                errors += 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return held, errors
+
+
+def idle_tunnels(world, n):
+    """Opens n tunnels (CONNECT + TLS handshake, no request) and holds them:
+    keygate's RSS per idle tunnel and errors."""
+    import asyncio
+    pid = world.kg.pid
+    rss0 = mem_kib(pid, "VmRSS")
+
+    async def go():
+        t0 = time.time()
+        held, errors = await _open_tunnels(world, n)
+        await asyncio.sleep(0.5)
+        rss1 = mem_kib(pid, "VmRSS")
+        res = {"tunnels": n, "held": len(held), "errors": errors,
+               "open_s": time.time() - t0,
+               "rss_before_mib": rss0 / 1024, "rss_held_mib": rss1 / 1024,
+               "kib_per_tunnel": (rss1 - rss0) / max(1, len(held))}
+        for w in held:
+            w.close()
+        return res
+
+    return asyncio.run(go())
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v >= 100:
+            return f"{v:,.0f}{unit}"
+        return f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True, help="directory with keygate (+ stream-upstream)")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--cold-requests", type=int, default=300)
+    ap.add_argument("--sse", type=int, default=20, help="SSE TTFB samples")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="1 s runs (CI smoke)")
+    ap.add_argument("--upstream-http1", action="store_true",
+                    help="nginx offers HTTP/1.1 only (default: h2 and HTTP/1.1)")
+    ap.add_argument("--only", default="", help="run scenarios whose name contains this")
+    ap.add_argument("--tunnels", type=int, default=2000,
+                    help="idle tunnels to open and hold at the end (0: skip)")
+    args = ap.parse_args()
+    secs = 1.0 if args.quick else args.seconds
+    if args.quick:
+        args.cold_requests = min(args.cold_requests, 50)
+        args.sse = min(args.sse, 5)
+        args.tunnels = min(args.tunnels, 500)
+    for tool in ("oha", "nginx", "openssl", "curl"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
+    work = tempfile.mkdtemp(prefix="keygate-bench-")
+    world = World(args.bin, work)
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+               "seconds": secs, "scenarios": []}
+    try:
+        world.certs()
+        world.nginx(http2=not args.upstream_http1)
+        world.stream_upstream()
+        world.keygate()
+        time.sleep(0.3)
+        pid = world.kg.pid
+        results["kg_idle_rss_mib"] = mem_kib(pid, "VmRSS") / 1024
+        log(f"keygate pid {pid} idle RSS {results['kg_idle_rss_mib']:.1f} MiB")
+        # warm-up (leaf minting, pools)
+        oha(world, True, 4, 0.5)
+        oha(world, False, 4, 0.5)
+        reset_peak(pid)
+
+        scenarios = [
+            ("HTTP/1.1 keep-alive c=1", dict(conc=1, seconds=secs)),
+            ("HTTP/1.1 keep-alive c=32", dict(conc=32, seconds=secs)),
+            ("HTTP/2 c=1", dict(conc=1, seconds=secs, http2=True)),
+            ("HTTP/2 c=32", dict(conc=32, seconds=secs, http2=True)),
+            ("cold (new CONNECT+TLS) c=1",
+             dict(conc=1, seconds=secs * 4, keepalive=False, requests=args.cold_requests)),
+            ("cold (new CONNECT+TLS) c=8",
+             dict(conc=8, seconds=secs * 4, keepalive=False, requests=args.cold_requests * 2)),
+        ]
+        for name, kw in scenarios:
+            if args.only and args.only not in name:
+                continue
+            row = {"scenario": name}
+            try:
+                row["direct"] = oha(world, False, **kw)
+                row["keygate"] = oha(world, True, **kw)
+            except SystemExit as e:
+                log(f"{name}: skipped: {e}")
+                row["skipped"] = str(e)[:300]
+                results["scenarios"].append(row)
+                continue
+            d, k = row["direct"], row["keygate"]
+            row["ratio"] = k["rps"] / d["rps"] if d["rps"] else None
+            row["added_p50_us"] = k["p50_us"] - d["p50_us"]
+            log(f"{name}: direct {d['rps']:.0f} req/s, keygate {k['rps']:.0f} req/s "
+                f"(x{row['ratio']:.2f}), +{row['added_p50_us']:.0f} us p50, "
+                f"{k.get('kg_cpu_us_per_req', 0):.1f} us CPU/req")
+            results["scenarios"].append(row)
+        # p99 at half of keygate's max keep-alive load
+        kmax = next((r for r in results["scenarios"]
+                     if r["scenario"] == "HTTP/1.1 keep-alive c=32" and "keygate" in r), None)
+        if kmax:
+            rate = max(1, int(kmax["keygate"]["rps"] / 2))
+            row = {"scenario": f"HTTP/1.1 c=32 at {rate} req/s (half of max)"}
+            row["direct"] = oha(world, False, 32, secs, rate=rate)
+            row["keygate"] = oha(world, True, 32, secs, rate=rate)
+            row["ratio"] = row["keygate"]["rps"] / row["direct"]["rps"]
+            row["added_p50_us"] = row["keygate"]["p50_us"] - row["direct"]["p50_us"]
+            results["scenarios"].append(row)
+        sse = {"direct": sse_ttfb(world, False, args.sse), "keygate": sse_ttfb(world, True, args.sse)}
+        if sse["direct"]:
+            results["sse_ttfb"] = sse
+        results["kg_peak_rss_mib"] = mem_kib(pid, "VmHWM") / 1024
+        results["kg_rss_after_mib"] = mem_kib(pid, "VmRSS") / 1024
+        if args.tunnels > 0:
+            results["idle_tunnels"] = idle_tunnels(world, args.tunnels)
+            log("idle tunnels:", results["idle_tunnels"])
+        results["audit_last"] = world.audit_count()[:400]
+    finally:
+        world.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = ["| scenario | direct req/s | keygate req/s | ratio | direct p50 µs | keygate p50 µs "
+          "| added p50 µs | keygate p99 µs | keygate CPU µs/req (of which audit) | nginx CPU µs/req direct | errors |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["scenarios"]:
+        if "skipped" in r:
+            md.append(f"| {r['scenario']} | skipped | | | | | | | | | |")
+            continue
+        d, k = r["direct"], r["keygate"]
+        md.append(
+            f"| {r['scenario']} | {fmt(d['rps'])} | {fmt(k['rps'])} | {r['ratio']:.2f} × "
+            f"| {fmt(d['p50_us'])} | {fmt(k['p50_us'])} | {fmt(r['added_p50_us'])} "
+            f"| {fmt(k['p99_us'])} | {fmt(k.get('kg_cpu_us_per_req'))} "
+            f"({fmt(k.get('kg_audit_cpu_us_per_req'))}) | {fmt(d.get('upstream_cpu_us_per_req'))} "
+            f"| {d['errors'] + d['non_2xx']} / {k['errors'] + k['non_2xx']} |")
+    md.append("")
+    if "sse_ttfb" in results:
+        s = results["sse_ttfb"]
+        md.append(f"SSE time to first event (after TLS, {s['direct']['requests']} samples): "
+                  f"direct p50 {fmt(s['direct']['p50_us'])} µs, keygate p50 "
+                  f"{fmt(s['keygate']['p50_us'])} µs (max {fmt(s['keygate']['max_us'])} µs).")
+    md.append(f"keygate RSS: idle {results['kg_idle_rss_mib']:.1f} MiB, peak under load "
+              f"{results['kg_peak_rss_mib']:.1f} MiB, after {results['kg_rss_after_mib']:.1f} MiB.")
+    if "idle_tunnels" in results:
+        t = results["idle_tunnels"]
+        md.append(f"Idle tunnels (CONNECT + TLS, held open): {t['held']} of {t['tunnels']} held, "
+                  f"{t['errors']} errors, keygate RSS {t['rss_before_mib']:.1f} → "
+                  f"{t['rss_held_mib']:.1f} MiB = {t['kib_per_tunnel']:.1f} KiB per tunnel.")
+    md.append("")
+    (out / "latest.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+//! End-to-end protocol tests with the real binary: SSE streams pass through
+//! immediately, large bodies stream in constant memory, HTTP/2 and HTTP/1.1
+//! mix freely across the two legs, WebSocket upgrades get credentials and
+//! pipe bytes, and SIGTERM lets in-flight streams finish.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BIN, SECRET};
+use test_support::http::{self, Request};
+use test_support::http_body_util::BodyExt;
+use test_support::hyper;
+use test_support::{
+    agent_tls, empty_body, AgentBody, AgentConn, AgentProto, Alpn, Keygate, RepeatBody,
+    StreamUpstream,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Three upstreams (both protocols, HTTP/1.1 only, HTTP/2 only), a keygate
+/// dialling them, a secret for `*.test` and an agent granted it.
+struct World {
+    _both: StreamUpstream,
+    _h1: StreamUpstream,
+    _h2: StreamUpstream,
+    kg: Keygate,
+    token: String,
+    ca: String,
+}
+
+async fn world_with(extra: &[&str], data_dir: Option<&std::path::Path>) -> World {
+    let both = StreamUpstream::start(&["stream.test"], Alpn::Both).await;
+    let h1 = StreamUpstream::start(&["h1.test"], Alpn::Http1Only).await;
+    let h2 = StreamUpstream::start(&["h2.test"], Alpn::Http2Only).await;
+    let mut args: Vec<String> = vec!["--allow-net".into(), "127.0.0.0/8".into()];
+    for (name, up) in [("stream.test", &both), ("h1.test", &h1), ("h2.test", &h2)] {
+        args.push("--upstream-ca".into());
+        args.push(up.ca_file.display().to_string());
+        args.push("--resolve".into());
+        args.push(format!("{name}:443={}", up.tls_addr));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let bin = std::path::Path::new(BIN);
+    let kg = match data_dir {
+        Some(d) => Keygate::start_with_data_dir(bin, d, &args),
+        None => Keygate::start(bin, &args),
+    };
+    kg.cli_ok(
+        &["secret", "add", "up", "--host", "*.test"],
+        Some(format!("{SECRET}\n").as_bytes()),
+    );
+    let token = kg
+        .cli_ok(&["agent", "create", "bot", "--grant", "up"], None)
+        .trim()
+        .to_string();
+    let ca = kg.ca_pem();
+    World {
+        _both: both,
+        _h1: h1,
+        _h2: h2,
+        kg,
+        token,
+        ca,
+    }
+}
+
+async fn world() -> World {
+    world_with(&[], None).await
+}
+
+impl World {
+    async fn conn(&self, host: &str, proto: AgentProto) -> AgentConn {
+        AgentConn::open(
+            self.kg.proxy,
+            &format!("{host}:443"),
+            &self.token,
+            host,
+            &self.ca,
+            proto,
+        )
+        .await
+        .expect("tunnel")
+    }
+}
+
+/// A request with the placeholder credential, in the form `proto` needs.
+fn request(
+    proto: AgentProto,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: AgentBody,
+) -> Request<AgentBody> {
+    let b = Request::builder()
+        .method(method)
+        .header("authorization", "Bearer placeholder");
+    let b = match proto {
+        AgentProto::Http1 => b.uri(path).header("host", host),
+        AgentProto::Http2 => b
+            .uri(format!("https://{host}{path}"))
+            .version(http::Version::HTTP_2),
+    };
+    b.body(body).expect("request")
+}
+
+async fn body_json(resp: http::Response<hyper::body::Incoming>) -> serde_json::Value {
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        panic!("not JSON: {}", String::from_utf8_lossy(&bytes));
+    })
+}
+
+fn seen_header(v: &serde_json::Value, name: &str) -> Vec<String> {
+    v["headers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|h| h[0] == name)
+                .filter_map(|h| h[1].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn vm_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(str::to_string))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_events_reach_the_agent_while_the_upstream_holds_the_stream() {
+    let w = world().await;
+    for proto in [AgentProto::Http1, AgentProto::Http2] {
+        let mut conn = w.conn("stream.test", proto).await;
+        let started = Instant::now();
+        let req = request(
+            proto,
+            "GET",
+            "stream.test",
+            "/sse?events=2&interval_ms=300&hold_ms=20000",
+            empty_body(),
+        );
+        let resp = conn.send(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let mut body = resp.into_body();
+        let mut got = String::new();
+        let mut first_at = None;
+        while !got.contains("\"n\":1") {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("{proto:?}: no event within 5 s (got {got:?})"))
+                .expect("stream ended early")
+                .expect("frame");
+            if let Some(d) = frame.data_ref() {
+                got.push_str(&String::from_utf8_lossy(d));
+                first_at.get_or_insert_with(|| started.elapsed());
+            }
+        }
+        let first_at = first_at.expect("first event");
+        // The upstream holds the stream open for 20 s after its events: they
+        // must have arrived one by one, long before it ends.
+        assert!(got.starts_with("data: {\"n\":0}\n\n"), "{got:?}");
+        assert!(
+            first_at < Duration::from_secs(2),
+            "{proto:?}: first event after {first_at:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_stream_both_ways_in_constant_memory() {
+    let mib: u64 = std::env::var("KEYGATE_TEST_LARGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let len = mib * 1024 * 1024;
+    let w = world().await;
+    let pid = w.kg.pid();
+    let mut conn = w.conn("stream.test", AgentProto::Http1).await;
+    // Warm up (leaf, pool), then take the baseline.
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            "/",
+            empty_body(),
+        ))
+        .await
+        .expect("warm-up");
+    body_json(resp).await;
+    let before = vm_kib(pid, "VmHWM");
+
+    let started = Instant::now();
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            &format!("/bytes?n={len}"),
+            empty_body(),
+        ))
+        .await
+        .expect("download");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut received: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.expect("download frame").data_ref() {
+            received += d.len() as u64;
+        }
+    }
+    assert_eq!(received, len);
+    let down = started.elapsed();
+
+    let started = Instant::now();
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "POST",
+            "stream.test",
+            "/sink",
+            RepeatBody::new(len).boxed(),
+        ))
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    let v = body_json(resp).await;
+    assert_eq!(v["received"].as_u64(), Some(len), "{v}");
+    assert_eq!(
+        seen_header(&v, "authorization"),
+        vec![format!("Bearer {SECRET}")]
+    );
+    let up = started.elapsed();
+
+    let growth_mib = vm_kib(pid, "VmHWM").saturating_sub(before) / 1024;
+    eprintln!("{mib} MiB down in {down:?}, up in {up:?}; keygate peak RSS grew {growth_mib} MiB");
+    assert!(
+        growth_mib < 32.min(mib / 4),
+        "keygate peak RSS grew {growth_mib} MiB for a {mib} MiB body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_and_http1_mix_across_the_two_legs_with_injection() {
+    let w = world().await;
+    // (agent protocol, upstream host, protocol the upstream must see)
+    for (proto, host, upstream_version) in [
+        (AgentProto::Http2, "h1.test", "HTTP/1.1"),
+        (AgentProto::Http1, "h2.test", "HTTP/2.0"),
+        (AgentProto::Http2, "h2.test", "HTTP/2.0"),
+        (AgentProto::Http2, "stream.test", "HTTP/2.0"),
+    ] {
+        let mut conn = w.conn(host, proto).await;
+        for _ in 0..3 {
+            let resp = conn
+                .send(request(
+                    proto,
+                    "POST",
+                    host,
+                    "/v1/chat?x=1",
+                    RepeatBody::new(1000).boxed(),
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("{proto:?} -> {host}: {e}"));
+            assert_eq!(resp.status(), 200, "{proto:?} -> {host}");
+            let v = body_json(resp).await;
+            assert_eq!(v["version"], upstream_version, "{proto:?} -> {host}: {v}");
+            assert_eq!(v["target"], "/v1/chat?x=1");
+            assert_eq!(
+                seen_header(&v, "authorization"),
+                vec![format!("Bearer {SECRET}")],
+                "{proto:?} -> {host}"
+            );
+            assert!(seen_header(&v, "proxy-authorization").is_empty());
+        }
+    }
+}
+
+/// Reads an HTTP/1.1 response head from a raw stream.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("head in time")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
+    let w = world_with(&["--upgrade-idle-timeout", "2"], None).await;
+    let mut tls = agent_tls(
+        w.kg.proxy,
+        "stream.test:443",
+        &w.token,
+        "stream.test",
+        &w.ca,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("tunnel");
+    tls.write_all(
+        b"GET /ws?room=1 HTTP/1.1\r\nHost: stream.test\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Authorization: Bearer placeholder\r\n\r\n",
+    )
+    .await
+    .expect("write handshake");
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    // The upstream saw the real credential in the handshake, not the
+    // placeholder, and no proxy credentials.
+    assert!(head.contains(&format!("Bearer {SECRET}")), "{head}");
+    assert!(!lower.contains("placeholder"), "{head}");
+    assert!(!lower.contains("proxy-authorization"), "{head}");
+
+    for msg in [
+        &b"hello"[..],
+        &[0x81, 0x05, b'w', b'o', b'r', b'l', b'd'][..],
+    ] {
+        tls.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg);
+    }
+    // Idle for longer than --upgrade-idle-timeout: keygate closes the pipe.
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut rest))
+        .await
+        .expect("idle upgraded connection closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    let audit: Vec<serde_json::Value> = {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        w.kg.cli_ok(&["audit", "--json", "--limit", "100"], None)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit JSON"))
+            .collect()
+    };
+    let ws = audit
+        .iter()
+        .find(|r| r["path"] == "/ws")
+        .unwrap_or_else(|| panic!("no audit record for /ws: {audit:?}"));
+    assert_eq!(ws["status"], 101);
+    assert_eq!(ws["decision"], "injected");
+    assert!(!w.kg.logs().contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let w = world_with(&[], Some(&data)).await;
+    let proxy = w.kg.proxy;
+    let mut conn = w.conn("stream.test", AgentProto::Http1).await;
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            "/sse?events=4&interval_ms=400",
+            empty_body(),
+        ))
+        .await
+        .expect("response");
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("frame").expect("frame");
+    assert!(first.data_ref().is_some());
+
+    let World { kg, .. } = w;
+    let stopping = tokio::task::spawn_blocking(move || kg.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once shutdown started.
+    assert!(
+        tokio::net::TcpStream::connect(proxy).await.is_err(),
+        "keygate still accepts connections during shutdown"
+    );
+    // The stream that was in flight completes.
+    let mut got = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.expect("frame").data_ref() {
+            got.push_str(&String::from_utf8_lossy(d));
+        }
+    }
+    assert!(got.contains("\"n\":3"), "stream cut short: {got:?}");
+    let status = stopping.await.expect("join");
+    assert!(status.success(), "exit status {status}");
+
+    // The audit record of the drained stream was flushed.
+    let kg = Keygate::start_with_data_dir(std::path::Path::new(BIN), &data, &[]);
+    let audit = kg.cli_ok(&["audit", "--json", "--limit", "100"], None);
+    assert!(audit.contains("\"/sse\""), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_oversized_request_heads_are_dropped() {
+    let w = world_with(&["--header-read-timeout", "1"], None).await;
+    // Slowloris on the proxy listener: a CONNECT head that never ends.
+    let mut slow = tokio::net::TcpStream::connect(w.kg.proxy)
+        .await
+        .expect("connect");
+    slow.write_all(b"CONNECT stream.test:443 HTTP/1.1\r\nHost: stream.test\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a slow request head held its connection");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The same inside a tunnel.
+    let mut tls = agent_tls(
+        w.kg.proxy,
+        "stream.test:443",
+        &w.token,
+        "stream.test",
+        &w.ca,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("tunnel");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: stream.test\r\n")
+        .await
+        .expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a slow request head held its tunnel");
+
+    // A request head larger than the limit is refused, not buffered.
+    let mut tls = agent_tls(
+        w.kg.proxy,
+        "stream.test:443",
+        &w.token,
+        "stream.test",
+        &w.ca,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("tunnel");
+    let big = "a".repeat(200 * 1024);
+    let head = format!("GET / HTTP/1.1\r\nHost: stream.test\r\nx-big: {big}\r\n\r\n");
+    let _ = tls.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    // keygate still serves afterwards.
+    let mut conn = w.conn("stream.test", AgentProto::Http1).await;
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            "/",
+            empty_body(),
+        ))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+}
