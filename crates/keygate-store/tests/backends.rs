@@ -255,5 +255,8 @@ async fn large_audit_batches_keep_the_chain() {
         .await
         .unwrap();
     assert_eq!(newest[0].seq, 700);
-    assert_eq!(newest[0].status, 200, "seq 700 was event 699: status 200 + 699 % 3");
+    assert_eq!(
+        newest[0].status, 200,
+        "seq 700 was event 699: status 200 + 699 % 3"
+    );
 }
