@@ -278,6 +278,14 @@ def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=Non
                 "--cacert", str(world.ca)]
     cmd.append(url)
     pid = world.kg.pid
+    perf = None
+    if via_keygate and getattr(world, "perf_dir", None):
+        world.perf_dir.mkdir(parents=True, exist_ok=True)
+        tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-g", "-p", str(pid),
+                                 "-o", str(world.perf_dir / f"perf-{tag}.data")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
     up0 = world.upstream_cpu()
     cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
     t0 = time.time()
@@ -285,6 +293,9 @@ def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=Non
     wall = time.time() - t0
     cpu1, threads1 = cpu_seconds(pid), thread_cpu(pid)
     up1 = world.upstream_cpu()
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(30)
     if out.returncode != 0:
         raise SystemExit(f"oha failed ({out.returncode}): {out.stderr}\n{' '.join(cmd)}")
     data = json.loads(out.stdout)
@@ -311,7 +322,7 @@ def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=Non
     if via_keygate and total:
         res["kg_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
         # The audit writer (SQLite, its own thread) apart from the proxy.
-        audit = sum(v - threads0.get(k, 0.0) for k, v in threads1.items() if k.startswith("sqlx"))
+        audit = sum(v - threads0.get(k, 0.0) for k, v in threads1.items() if k.startswith(("sqlx", "keygate-audit")))
         res["kg_audit_cpu_us_per_req"] = audit * 1e6 / total
         res["kg_proxy_cpu_us_per_req"] = res["kg_cpu_us_per_req"] - res["kg_audit_cpu_us_per_req"]
     return res
@@ -419,6 +430,9 @@ def main():
     ap.add_argument("--upstream-http1", action="store_true",
                     help="nginx offers HTTP/1.1 only (default: h2 and HTTP/1.1)")
     ap.add_argument("--only", default="", help="run scenarios whose name contains this")
+    ap.add_argument("--perf", default="",
+                    help="directory: record a perf profile of keygate during each "
+                         "through-keygate run (perf-<scenario>.data)")
     ap.add_argument("--tunnels", type=int, default=2000,
                     help="idle tunnels to open and hold at the end (0: skip)")
     args = ap.parse_args()
@@ -432,6 +446,7 @@ def main():
             raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
     work = tempfile.mkdtemp(prefix="keygate-bench-")
     world = World(args.bin, work)
+    world.perf_dir = Path(args.perf) if args.perf else None
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
                "seconds": secs, "scenarios": []}
     try:

@@ -210,3 +210,13 @@ pub(crate) async fn set_password(
     ops::set_admin_password(&state.store, password).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `POST /api/v1/key/rotate`: re-wraps every data key under a new master key
+/// and replaces the key file (`keygate key rotate`). Answers key ids only.
+/// 409 `conflict` when the key comes from `KEYGATE_MASTER_KEY` (nothing is
+/// changed).
+pub(crate) async fn rotate_master_key(
+    State(state): State<AdminState>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(state.store.rotate_master_key().await?))
+}

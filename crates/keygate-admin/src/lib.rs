@@ -268,7 +268,8 @@ fn table() -> RouteTable {
     .add(A, "/audit", &["GET"], get(api::audit))
     .add(A, "/audit/verify", &["GET"], get(api::audit_verify))
     .add(A, "/ca", &["GET"], get(api::ca_json))
-    .add(A, "/admin/password", &["PUT"], put(api::set_password));
+    .add(A, "/admin/password", &["PUT"], put(api::set_password))
+    .add(A, "/key/rotate", &["POST"], post(api::rotate_master_key));
 
     t.add(S, "/", &["GET"], get(pages::overview))
         .add(S, "/logout", &["POST"], post(auth::logout))

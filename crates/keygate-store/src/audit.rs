@@ -7,15 +7,24 @@ use aws_lc_rs::digest;
 use keygate_core::AuditEvent;
 use serde::Serialize;
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::{Store, StoreError};
+use crate::{Backend, Store, StoreError};
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const BATCH: usize = 512;
 const HEAD_KEY: &str = "audit_head";
-const INSERT_ONE: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+/// SQLite, on the writer's own connection: one cached statement per record.
+const INSERT_ONE_SQLITE: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+const UPSERT_HEAD: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const UPSERT_HEAD_SQLITE: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// PostgreSQL: the whole batch in one statement, as a JSON array of rows in
+/// [`COLUMNS`] order (see [`batch_json`]), unpacked by the server.
+const INSERT_BATCH_POSTGRES: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
+     SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, r->>7, \
+     (r->>8)::bigint, r->>9, r->>10, r->>11, (r->>12)::bigint, r->>13, r->>14 \
+     FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n";
 
 /// One stored audit record, as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -63,25 +72,29 @@ impl AuditRecord {
     /// SHA-256 over the previous hash and every field, in a fixed order and
     /// an unambiguous (JSON array) encoding.
     pub fn compute_hash(&self) -> String {
-        let body = serde_json::json!([
+        // Serialised straight from the fields (a tuple is a JSON array);
+        // the bytes are those of the `serde_json::json!` array this chain
+        // was first defined with (a test pins them).
+        let body = serde_json::to_vec(&(
             self.seq,
             self.ts_ms,
-            self.agent,
-            self.method,
-            self.scheme,
-            self.host,
+            &self.agent,
+            &self.method,
+            &self.scheme,
+            &self.host,
             self.port,
-            self.path,
+            &self.path,
             self.status,
-            self.decision,
-            self.reason,
-            self.secrets,
+            &self.decision,
+            &self.reason,
+            &self.secrets,
             self.duration_us,
-        ]);
+        ))
+        .unwrap_or_default();
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(self.prev_hash.as_bytes());
         ctx.update(b"\n");
-        ctx.update(body.to_string().as_bytes());
+        ctx.update(&body);
         hex::encode(ctx.finish().as_ref())
     }
 }
@@ -113,6 +126,8 @@ pub struct VerifyReport {
 /// batches, extending the hash chain.
 pub struct AuditWriter {
     store: Store,
+    /// SQLite: the writer's own connection and thread.
+    sqlite: Option<SqliteSink>,
     rx: mpsc::Receiver<AuditEvent>,
     next_seq: i64,
     prev_hash: String,
@@ -157,42 +172,175 @@ impl AuditWriter {
             seq += 1;
             records.push(r);
         }
-        let mut tx = self.store.write_tx().await?;
-        // One prepared (cached) single-row INSERT per record: with sqlx's Any
-        // driver a multi-row statement measured slower (re-preparation).
-        for r in &records {
-            sqlx::query(INSERT_ONE)
-                .bind(r.seq)
-                .bind(r.ts_ms)
-                .bind(r.agent.clone())
-                .bind(r.method.clone())
-                .bind(r.scheme.clone())
-                .bind(r.host.clone())
-                .bind(r.port)
-                .bind(r.path.clone())
-                .bind(r.status)
-                .bind(r.decision.clone())
-                .bind(r.reason.clone())
-                .bind(serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into()))
-                .bind(r.duration_us)
-                .bind(r.prev_hash.clone())
-                .bind(r.hash.clone())
-                .execute(&mut *tx)
-                .await?;
+        let head = format!("{}:{}", seq - 1, prev);
+        match &self.sqlite {
+            Some(sink) => sink.write(&self.store, records, head).await?,
+            None => {
+                // PostgreSQL. One statement for the whole batch: through sqlx
+                // every statement is a network round trip.
+                let rows = batch_json(&records)?;
+                let mut tx = self.store.write_tx().await?;
+                sqlx::query(INSERT_BATCH_POSTGRES)
+                    .bind(rows)
+                    .execute(&mut *tx)
+                    .await?;
+                // The head lets verify notice records deleted from the end.
+                sqlx::query(UPSERT_HEAD)
+                    .bind(HEAD_KEY)
+                    .bind(head)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
         }
-        // The head lets verify notice records deleted from the end.
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(HEAD_KEY)
-        .bind(format!("{}:{}", seq - 1, prev))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         self.next_seq = seq;
         self.prev_hash = prev;
         Ok(())
     }
+}
+
+/// A batch as one JSON array of rows in [`COLUMNS`] order; `secrets` is
+/// stored as its own JSON text, as the column holds it.
+fn batch_json(records: &[AuditRecord]) -> Result<String, StoreError> {
+    let rows: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
+            (
+                r.seq,
+                r.ts_ms,
+                &r.agent,
+                &r.method,
+                &r.scheme,
+                &r.host,
+                r.port,
+                &r.path,
+                r.status,
+                &r.decision,
+                &r.reason,
+                secrets,
+                r.duration_us,
+                &r.prev_hash,
+                &r.hash,
+            )
+        })
+        .collect();
+    serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("audit batch: {e}")))
+}
+
+/// A batch for the SQLite writer thread, with this process's writer slot
+/// and where to report the outcome.
+struct SqliteJob {
+    records: Vec<AuditRecord>,
+    head: String,
+    slot: tokio::sync::OwnedMutexGuard<()>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The SQLite audit writer: a thread (`keygate-audit`) with a connection of
+/// its own. sqlx runs every statement as a round trip to its worker thread
+/// (two thread wake-ups per record); here a whole batch is one hand-over,
+/// written with a cached statement in one `BEGIN IMMEDIATE` transaction.
+struct SqliteSink {
+    jobs: std::sync::mpsc::Sender<SqliteJob>,
+}
+
+impl SqliteSink {
+    /// Opens the writer's connection to the store's SQLite file and starts
+    /// the thread; it ends when the sink is dropped.
+    async fn open(store: &Store) -> Result<SqliteSink, StoreError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_optional(store.pool())
+                .await?;
+        let Some((file,)) = row.filter(|(f,)| !f.is_empty()) else {
+            // Each pooled connection would see a different in-memory database.
+            return Err(StoreError::Invalid(
+                "the SQLite database must be a file (an in-memory database is not supported)"
+                    .into(),
+            ));
+        };
+        let conn = rusqlite::Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // Another process may hold the write lock for a moment.
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // WAL with synchronous=NORMAL: a commit survives a crash of keygate
+        // (the WAL is in the OS's hands) and the fsync happens at checkpoints
+        // instead of at every batch. A power loss can take the last batches,
+        // whole (records and chain head commit together, so the chain stays
+        // verifiable).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let (jobs, rx) = std::sync::mpsc::channel::<SqliteJob>();
+        std::thread::Builder::new()
+            .name("keygate-audit".into())
+            .spawn(move || {
+                let mut conn = conn;
+                while let Ok(job) = rx.recv() {
+                    let result = write_sqlite(&mut conn, &job.records, &job.head);
+                    drop(job.slot);
+                    let _ = job.done.send(result);
+                }
+            })
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the audit writer: {e}")))?;
+        Ok(SqliteSink { jobs })
+    }
+
+    async fn write(
+        &self,
+        store: &Store,
+        records: Vec<AuditRecord>,
+        head: String,
+    ) -> Result<(), StoreError> {
+        let slot = store.lock_writer().await;
+        let (done, outcome) = oneshot::channel();
+        let job = SqliteJob {
+            records,
+            head,
+            slot,
+            done,
+        };
+        let gone = || StoreError::Corrupt("the audit writer thread stopped".into());
+        self.jobs.send(job).map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
+
+fn write_sqlite(
+    conn: &mut rusqlite::Connection,
+    records: &[AuditRecord],
+    head: &str,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(INSERT_ONE_SQLITE)?;
+        for r in records {
+            let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
+            insert.execute(rusqlite::params![
+                r.seq,
+                r.ts_ms,
+                r.agent,
+                r.method,
+                r.scheme,
+                r.host,
+                r.port,
+                r.path,
+                r.status,
+                r.decision,
+                r.reason,
+                secrets,
+                r.duration_us,
+                r.prev_hash,
+                r.hash,
+            ])?;
+        }
+        // The head lets verify notice records deleted from the end.
+        tx.prepare_cached(UPSERT_HEAD_SQLITE)?
+            .execute(rusqlite::params![HEAD_KEY, head])?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 async fn chain_tail(store: &Store) -> Result<(i64, String), StoreError> {
@@ -234,8 +382,13 @@ impl Store {
         rx: mpsc::Receiver<AuditEvent>,
     ) -> Result<AuditWriter, StoreError> {
         let (seq, hash) = chain_tail(self).await?;
+        let sqlite = match self.backend() {
+            Backend::Sqlite => Some(SqliteSink::open(self).await?),
+            Backend::Postgres => None,
+        };
         Ok(AuditWriter {
             store: self.clone(),
+            sqlite,
             rx,
             next_seq: seq + 1,
             prev_hash: hash,
@@ -366,4 +519,97 @@ impl Store {
 enum Bind {
     Text(String),
     Int(i64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chain's hash input must stay byte-for-byte what it was defined
+    /// as (a `serde_json::json!` array), or every stored chain would fail
+    /// verification after an upgrade.
+    #[test]
+    fn hash_input_is_the_json_array_it_was_defined_as() {
+        for (agent, reason, secrets) in [
+            (None, None, vec![]),
+            (
+                Some("bot \"q\" é\u{1}".to_string()),
+                Some("path_ambiguous".to_string()),
+                vec!["openai".to_string(), "a\\b".to_string()],
+            ),
+        ] {
+            let r = AuditRecord {
+                seq: 42,
+                ts_ms: 1_764_000_000_123,
+                agent,
+                method: "POST".into(),
+                scheme: "https".into(),
+                host: "api.example.com".into(),
+                port: 443,
+                path: "/v1/ünï\tcode".into(),
+                status: 200,
+                decision: "injected".into(),
+                reason,
+                secrets,
+                duration_us: i64::MAX,
+                prev_hash: "ab".repeat(32),
+                hash: String::new(),
+            };
+            let body = serde_json::json!([
+                r.seq,
+                r.ts_ms,
+                r.agent,
+                r.method,
+                r.scheme,
+                r.host,
+                r.port,
+                r.path,
+                r.status,
+                r.decision,
+                r.reason,
+                r.secrets,
+                r.duration_us,
+            ]);
+            let mut ctx = digest::Context::new(&digest::SHA256);
+            ctx.update(r.prev_hash.as_bytes());
+            ctx.update(b"\n");
+            ctx.update(body.to_string().as_bytes());
+            assert_eq!(r.compute_hash(), hex::encode(ctx.finish().as_ref()));
+        }
+    }
+
+    #[test]
+    fn batch_rows_are_arrays_in_column_order() {
+        let r = AuditRecord::from_event(
+            7,
+            &AuditEvent {
+                ts_ms: 5,
+                agent: Some("a".into()),
+                method: "GET".into(),
+                scheme: "https".into(),
+                host: "h".into(),
+                port: 443,
+                path: "/p".into(),
+                status: 204,
+                decision: keygate_core::Decision::Injected,
+                reason: None,
+                secrets: vec!["s".into()],
+                duration_us: 9,
+            },
+            GENESIS.to_string(),
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&batch_json(std::slice::from_ref(&r)).unwrap()).unwrap();
+        let row = v[0].as_array().unwrap();
+        let columns: Vec<&str> = COLUMNS.split(", ").collect();
+        assert_eq!(row.len(), columns.len());
+        let at = |name: &str| &row[columns.iter().position(|c| *c == name).unwrap()];
+        assert_eq!(at("seq"), 7);
+        assert_eq!(at("agent"), "a");
+        assert_eq!(at("reason"), &serde_json::Value::Null);
+        assert_eq!(at("secrets"), "[\"s\"]");
+        assert_eq!(at("duration_us"), 9);
+        assert_eq!(at("prev_hash"), GENESIS);
+        assert_eq!(at("hash"), r.hash.as_str());
+    }
 }

@@ -13,6 +13,9 @@ pub enum StoreError {
     Connect(String, String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the audit writer's own SQLite connection.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("vault error: {0}")]

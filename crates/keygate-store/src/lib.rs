@@ -5,12 +5,17 @@
 //!
 //! Every mutation rebuilds and swaps the snapshot before it returns, so a
 //! change made through the admin API is visible to the very next request.
+//!
+//! Master-key rotation (`keygate key rotate`) lives in `keys.rs`: it re-wraps
+//! every data key and the token-hash key in one write transaction, and
+//! [`Store::open`] settles a rotation that a crash interrupted.
 #![forbid(unsafe_code)]
 
 mod agents;
 mod audit;
 mod dashboard;
 mod error;
+mod keys;
 mod model;
 mod secrets;
 mod snapshot;
@@ -27,6 +32,7 @@ use tokio::sync::Mutex;
 
 pub use audit::{AuditFilter, AuditRecord, AuditWriter, VerifyReport};
 pub use error::StoreError;
+pub use keys::KeyRotation;
 pub use model::{AgentInfo, NewSecret, SecretInfo};
 
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -106,6 +112,9 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
+        // Before the token-hash key is read: it may be wrapped by a key that
+        // only an interrupted rotation's `<key file>.next` holds.
+        keys::settle_pending_key(&pool, backend, &vault).await?;
         let hasher = Arc::new(load_token_hasher(&pool, &vault).await?);
         let store = Store {
             pool,
@@ -146,18 +155,34 @@ impl Store {
     /// `BEGIN IMMEDIATE` on SQLite so the write lock is taken up front (other
     /// processes then wait on the busy timeout instead of failing).
     pub(crate) async fn write_tx(&self) -> Result<WriteTx, StoreError> {
-        let guard = self.writer.clone().lock_owned().await;
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        let guard = self.lock_writer().await;
+        let tx = begin_write(&self.pool, self.backend).await?;
         Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// This process's writer slot alone, for work that spans more than one
+    /// transaction (a key rotation holds it until the vault has switched
+    /// keys, so that nothing is sealed under the old key in between).
+    pub(crate) async fn lock_writer(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.writer.clone().lock_owned().await
     }
 
     /// Closes the pool (after the audit writer has flushed).
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Begins a write transaction (`BEGIN IMMEDIATE` on SQLite). The caller
+/// holds the writer slot, or is [`Store::open`] before anyone else can write.
+pub(crate) async fn begin_write(
+    pool: &AnyPool,
+    backend: Backend,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+    Ok(match backend {
+        Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => pool.begin().await?,
+    })
 }
 
 /// A write transaction holding this process's writer slot until dropped.
@@ -186,7 +211,8 @@ impl std::ops::DerefMut for WriteTx {
     }
 }
 
-const TOKEN_KEY: &str = "token_hash_key";
+/// `meta` key (and AAD label) of the wrapped token-hash key.
+pub(crate) const TOKEN_KEY: &str = "token_hash_key";
 
 /// The token-hash key lives in the database, wrapped by the master key, so
 /// that every keygate process sharing the database hashes tokens alike.

@@ -11,10 +11,12 @@
 
 use std::fmt;
 
+use arc_swap::ArcSwap;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use keygate_core::snapshot::SealedSecret;
 use zeroize::Zeroizing;
 
+use crate::keyfile::KeySource;
 use crate::master::MasterKey;
 use crate::VaultError;
 
@@ -28,27 +30,152 @@ const PURPOSE_DATA_KEY: &[u8] = b"data-key";
 const PURPOSE_VALUE: &[u8] = b"value";
 const PURPOSE_BLOB: &[u8] = b"blob";
 
+/// A master key with its id computed once (the id is a SHA-256; `open` looks
+/// keys up by it on every injection).
+#[derive(Clone)]
+struct KeyEntry {
+    id: String,
+    key: MasterKey,
+}
+
+impl KeyEntry {
+    fn new(key: MasterKey) -> KeyEntry {
+        KeyEntry { id: key.id(), key }
+    }
+}
+
+/// The keys a vault knows: the current one, which seals, and older (or
+/// pending) ones that still open what they sealed. Immutable; replaced as a
+/// whole.
+#[derive(Clone)]
+struct Keyring {
+    current: KeyEntry,
+    others: Vec<KeyEntry>,
+}
+
+impl Keyring {
+    fn find(&self, id: &str) -> Option<&MasterKey> {
+        self.entries().find(|e| e.id == id).map(|e| &e.key)
+    }
+
+    /// Current key first.
+    fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
+        std::iter::once(&self.current).chain(self.others.iter())
+    }
+}
+
 /// Encrypts and decrypts secret values under a master key.
+///
+/// A keyring: [`Vault::seal`] and [`Vault::wrap_blob`] always use the current
+/// master key; [`Vault::open`], [`Vault::rewrap`] and [`Vault::unwrap_blob`]
+/// use whichever known key sealed the input. Reading the keyring is lock-free
+/// (`ArcSwap`), so the request path never waits on a rotation.
 pub struct Vault {
-    master: MasterKey,
+    keys: ArcSwap<Keyring>,
+    source: KeySource,
 }
 
 impl fmt::Debug for Vault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vault")
-            .field("key_id", &self.master.id())
+            .field("key_ids", &self.key_ids())
+            .field("source", &self.source)
             .finish()
     }
 }
 
 impl Vault {
+    /// A vault over a key held only in memory (rotation is refused: there is
+    /// nowhere to keep a new key). See [`Vault::load`] for keygate's sources.
     pub fn new(master: MasterKey) -> Vault {
-        Vault { master }
+        Vault::with_source(master, KeySource::Memory)
     }
 
-    /// Id of the master key (see [`MasterKey::id`]); stored in every `SealedSecret`.
+    /// A vault whose current key came from `source`.
+    pub fn with_source(master: MasterKey, source: KeySource) -> Vault {
+        Vault {
+            keys: ArcSwap::from_pointee(Keyring {
+                current: KeyEntry::new(master),
+                others: Vec::new(),
+            }),
+            source,
+        }
+    }
+
+    /// Loads the master key as [`MasterKey::load`] resolves it
+    /// (`KEYGATE_MASTER_KEY`, `KEYGATE_MASTER_KEY_FILE`, `<data dir>/master.key`)
+    /// and remembers where it lives.
+    ///
+    /// A `<key file>.next` left by an interrupted rotation is not read here:
+    /// the store settles it when it opens the database, since only the
+    /// database says whether that key is in use.
+    pub fn load(
+        data_dir: &std::path::Path,
+        env_b64: Option<&str>,
+        env_file: Option<&std::path::Path>,
+    ) -> Result<Vault, VaultError> {
+        let (master, source) = MasterKey::load(data_dir, env_b64, env_file)?;
+        Ok(Vault::with_source(master, source))
+    }
+
+    /// Where the current master key came from.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// Id of the current master key (see [`MasterKey::id`]); stored in every `SealedSecret`.
     pub fn key_id(&self) -> String {
-        self.master.id()
+        self.keys.load().current.id.clone()
+    }
+
+    /// Ids of every key this vault can open with, the current one first.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.load().entries().map(|e| e.id.clone()).collect()
+    }
+
+    /// Whether a key with this id is in the keyring.
+    pub fn holds(&self, key_id: &str) -> bool {
+        self.keys.load().find(key_id).is_some()
+    }
+
+    /// Adds a key that opens (but does not seal) from now on: the new key of
+    /// a rotation before its transaction commits, or a pending key found at
+    /// start-up. A key already held is left alone.
+    pub fn add_key(&self, key: MasterKey) {
+        let entry = KeyEntry::new(key);
+        self.keys.rcu(|ring| {
+            let mut ring = Keyring::clone(ring);
+            if ring.find(&entry.id).is_none() {
+                ring.others.push(entry.clone());
+            }
+            ring
+        });
+    }
+
+    /// Drops a non-current key (a rotation that was rolled back). The current
+    /// key is never removed.
+    pub fn forget_key(&self, key_id: &str) {
+        self.keys.rcu(|ring| {
+            let mut ring = Keyring::clone(ring);
+            ring.others.retain(|e| e.id != key_id);
+            ring
+        });
+    }
+
+    /// Makes `key` the current key. The key it replaces is kept (only it) so
+    /// that a request still holding an older snapshot decrypts; keys older
+    /// than that are dropped. Installing the current key again changes nothing.
+    pub fn install_current(&self, key: MasterKey) {
+        let entry = KeyEntry::new(key);
+        self.keys.rcu(|ring| {
+            if ring.current.id == entry.id {
+                return Keyring::clone(ring);
+            }
+            Keyring {
+                current: entry.clone(),
+                others: vec![ring.current.clone()],
+            }
+        });
     }
 
     /// Fresh random 256-bit data key per call; value encrypted AES-256-GCM under the data key; data key wrapped AES-256-GCM
@@ -60,6 +187,7 @@ impl Vault {
         version: i64,
         plaintext: &[u8],
     ) -> Result<SealedSecret, VaultError> {
+        let ring = self.keys.load();
         let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
         crate::fill_random(&mut data_key[..]);
         let ciphertext = aead_seal(
@@ -70,15 +198,16 @@ impl Vault {
             ),
             plaintext,
         )?;
-        let wrapped_key = self.wrap_data_key(secret_id, version, &data_key[..], &self.master)?;
+        let wrapped_key = wrap_data_key(secret_id, version, &data_key[..], &ring.current.key)?;
         Ok(SealedSecret {
-            key_id: self.master.id(),
+            key_id: ring.current.id.clone(),
             wrapped_key,
             ciphertext,
         })
     }
 
-    /// Reverse of seal. Any tampering (bytes, id, version, other master key, key_id mismatch) → VaultError::Decrypt (no detail leak).
+    /// Reverse of seal, with the key `sealed.key_id` names. Any tampering (bytes, id, version, other master key, key_id
+    /// not in the keyring or not the key that wrapped) → VaultError::Decrypt (no detail leak).
     pub fn open(
         &self,
         secret_id: &str,
@@ -99,8 +228,8 @@ impl Vault {
     /// Re-wraps the data key under `new_master` without touching the ciphertext (for `keygate key rotate`); returns the new SealedSecret with new key_id.
     ///
     /// Fails with [`VaultError::Decrypt`] if the data key does not unwrap
-    /// under this vault's master key for `secret_id`/`version`. The value
-    /// itself is not decrypted.
+    /// under the keyring's key named by `sealed.key_id` for
+    /// `secret_id`/`version`. The value itself is not decrypted.
     pub fn rewrap(
         &self,
         secret_id: &str,
@@ -109,7 +238,7 @@ impl Vault {
         new_master: &MasterKey,
     ) -> Result<SealedSecret, VaultError> {
         let data_key = self.unwrap_data_key(secret_id, version, sealed)?;
-        let wrapped_key = self.wrap_data_key(secret_id, version, &data_key[..], new_master)?;
+        let wrapped_key = wrap_data_key(secret_id, version, &data_key[..], new_master)?;
         Ok(SealedSecret {
             key_id: new_master.id(),
             wrapped_key,
@@ -120,44 +249,55 @@ impl Vault {
     /// Generic small-blob wrap/unwrap under the master key with a caller-given AAD label (used to store the token-hash key in the DB).
     ///
     /// Output: nonce (12) ‖ ciphertext ‖ tag (16). The label must be given
-    /// again, identically, to [`Vault::unwrap_blob`].
+    /// again, identically, to [`Vault::unwrap_blob`]. Always the current key.
     pub fn wrap_blob(&self, label: &str, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        aead_seal(
-            &self.master.bytes()[..],
-            &aad(PURPOSE_BLOB, &[label.as_bytes()]),
-            plaintext,
-        )
+        wrap_blob_with(&self.keys.load().current.key, label, plaintext)
     }
 
-    /// Reverse of [`Vault::wrap_blob`]; wrong label, other master key or any
-    /// modification → [`VaultError::Decrypt`].
+    /// Reverse of [`Vault::wrap_blob`] with any key of the keyring (current
+    /// first); wrong label, unknown master key or any modification →
+    /// [`VaultError::Decrypt`].
     pub fn unwrap_blob(
         &self,
         label: &str,
         wrapped: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        aead_open(
-            &self.master.bytes()[..],
-            &aad(PURPOSE_BLOB, &[label.as_bytes()]),
-            wrapped,
-        )
+        self.unwrap_blob_tagged(label, wrapped)
+            .map(|(plain, _)| plain)
     }
 
-    fn wrap_data_key(
+    /// Id of the keyring key that opens this blob, if any.
+    pub fn blob_key_id(&self, label: &str, wrapped: &[u8]) -> Option<String> {
+        self.unwrap_blob_tagged(label, wrapped)
+            .ok()
+            .map(|(_, id)| id)
+    }
+
+    /// Unwraps a blob with whichever keyring key opens it and wraps it again
+    /// under `new_master` (for `keygate key rotate`).
+    pub fn rewrap_blob(
         &self,
-        secret_id: &str,
-        version: i64,
-        data_key: &[u8],
-        master: &MasterKey,
+        label: &str,
+        wrapped: &[u8],
+        new_master: &MasterKey,
     ) -> Result<Vec<u8>, VaultError> {
-        aead_seal(
-            &master.bytes()[..],
-            &aad(
-                PURPOSE_DATA_KEY,
-                &[secret_id.as_bytes(), &version.to_be_bytes()],
-            ),
-            data_key,
-        )
+        let plain = self.unwrap_blob(label, wrapped)?;
+        wrap_blob_with(new_master, label, &plain)
+    }
+
+    fn unwrap_blob_tagged(
+        &self,
+        label: &str,
+        wrapped: &[u8],
+    ) -> Result<(Zeroizing<Vec<u8>>, String), VaultError> {
+        let ring = self.keys.load();
+        let aad = aad(PURPOSE_BLOB, &[label.as_bytes()]);
+        for entry in ring.entries() {
+            if let Ok(plain) = aead_open(&entry.key.bytes()[..], &aad, wrapped) {
+                return Ok((plain, entry.id.clone()));
+            }
+        }
+        Err(VaultError::Decrypt)
     }
 
     fn unwrap_data_key(
@@ -166,11 +306,13 @@ impl Vault {
         version: i64,
         sealed: &SealedSecret,
     ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, VaultError> {
-        if sealed.key_id != self.master.id() || sealed.wrapped_key.len() != WRAPPED_KEY_LEN {
+        if sealed.wrapped_key.len() != WRAPPED_KEY_LEN {
             return Err(VaultError::Decrypt);
         }
+        let ring = self.keys.load();
+        let master = ring.find(&sealed.key_id).ok_or(VaultError::Decrypt)?;
         let opened = aead_open(
-            &self.master.bytes()[..],
+            &master.bytes()[..],
             &aad(
                 PURPOSE_DATA_KEY,
                 &[secret_id.as_bytes(), &version.to_be_bytes()],
@@ -184,6 +326,34 @@ impl Vault {
         key.copy_from_slice(&opened);
         Ok(key)
     }
+}
+
+fn wrap_data_key(
+    secret_id: &str,
+    version: i64,
+    data_key: &[u8],
+    master: &MasterKey,
+) -> Result<Vec<u8>, VaultError> {
+    aead_seal(
+        &master.bytes()[..],
+        &aad(
+            PURPOSE_DATA_KEY,
+            &[secret_id.as_bytes(), &version.to_be_bytes()],
+        ),
+        data_key,
+    )
+}
+
+fn wrap_blob_with(
+    master: &MasterKey,
+    label: &str,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, VaultError> {
+    aead_seal(
+        &master.bytes()[..],
+        &aad(PURPOSE_BLOB, &[label.as_bytes()]),
+        plaintext,
+    )
 }
 
 /// AAD = "keygate/v1" ‖ purpose ‖ fields, each as u32-BE length ‖ bytes.
@@ -494,6 +664,125 @@ mod tests {
             v.unwrap_blob("token-hash-key", &s.wrapped_key),
             "data key as blob",
         );
+    }
+
+    #[test]
+    fn keyring_opens_by_key_id_and_seals_with_the_current_key() {
+        let old_key = MasterKey::generate();
+        let new_key = MasterKey::generate();
+        let v = Vault::new(old_key.clone());
+        let before = v.seal("s", 1, b"sealed-before").unwrap();
+        let blob_before = v.wrap_blob("token-hash-key", b"blob-before").unwrap();
+
+        // A rotation: the new key opens first, then becomes current.
+        v.add_key(new_key.clone());
+        assert_eq!(v.key_id(), old_key.id(), "add_key does not change sealing");
+        assert_eq!(v.key_ids(), vec![old_key.id(), new_key.id()]);
+        let re = v.rewrap("s", 1, &before, &new_key).unwrap();
+        let blob_re = v
+            .rewrap_blob("token-hash-key", &blob_before, &new_key)
+            .unwrap();
+        assert_eq!(&v.open("s", 1, &re).unwrap()[..], b"sealed-before");
+        v.install_current(new_key.clone());
+        assert_eq!(v.key_id(), new_key.id());
+        assert_eq!(v.key_ids(), vec![new_key.id(), old_key.id()]);
+
+        // New seals and blobs use the new key ...
+        let after = v.seal("t", 1, b"sealed-after").unwrap();
+        assert_eq!(after.key_id, new_key.id());
+        let blob_after = v.wrap_blob("token-hash-key", b"blob-after").unwrap();
+        assert_eq!(
+            v.blob_key_id("token-hash-key", &blob_after),
+            Some(new_key.id())
+        );
+        assert_decrypt_err(
+            Vault::new(old_key.clone()).unwrap_blob("token-hash-key", &blob_after),
+            "old key on a new blob",
+        );
+        // ... and what the old key sealed (an in-flight snapshot) still opens.
+        assert_eq!(&v.open("s", 1, &before).unwrap()[..], b"sealed-before");
+        assert_eq!(&v.open("s", 1, &re).unwrap()[..], b"sealed-before");
+        assert_eq!(
+            &v.unwrap_blob("token-hash-key", &blob_before).unwrap()[..],
+            b"blob-before"
+        );
+        assert_eq!(
+            v.blob_key_id("token-hash-key", &blob_before),
+            Some(old_key.id())
+        );
+        assert_eq!(
+            &v.unwrap_blob("token-hash-key", &blob_re).unwrap()[..],
+            b"blob-before"
+        );
+
+        // The old key alone opens nothing that was re-wrapped.
+        let old_only = Vault::new(old_key.clone());
+        assert_decrypt_err(old_only.open("s", 1, &re), "old key on rewrapped");
+        assert_decrypt_err(old_only.open("t", 1, &after), "old key on new seal");
+        assert_decrypt_err(
+            old_only.unwrap_blob("token-hash-key", &blob_re),
+            "old key on rewrapped blob",
+        );
+        // The new key alone opens it all.
+        let new_only = Vault::new(new_key.clone());
+        assert_eq!(&new_only.open("s", 1, &re).unwrap()[..], b"sealed-before");
+        assert_eq!(&new_only.open("t", 1, &after).unwrap()[..], b"sealed-after");
+
+        // A second rotation keeps only the key it replaced.
+        let third = MasterKey::generate();
+        v.install_current(third.clone());
+        assert_eq!(v.key_ids(), vec![third.id(), new_key.id()]);
+        assert!(!v.holds(&old_key.id()));
+        assert_decrypt_err(v.open("s", 1, &before), "key two rotations old");
+        assert_eq!(&v.open("s", 1, &re).unwrap()[..], b"sealed-before");
+        // Installing the current key again changes nothing.
+        v.install_current(third.clone());
+        assert_eq!(v.key_ids(), vec![third.id(), new_key.id()]);
+    }
+
+    #[test]
+    fn forget_key_drops_a_pending_key_but_never_the_current_one() {
+        let cur = MasterKey::generate();
+        let pending = MasterKey::generate();
+        let v = Vault::new(cur.clone());
+        v.add_key(pending.clone());
+        v.add_key(pending.clone());
+        v.add_key(cur.clone());
+        assert_eq!(v.key_ids(), vec![cur.id(), pending.id()]);
+        let s = Vault::new(pending.clone()).seal("x", 1, b"v").unwrap();
+        assert_eq!(&v.open("x", 1, &s).unwrap()[..], b"v");
+        v.forget_key(&pending.id());
+        assert_decrypt_err(v.open("x", 1, &s), "forgotten key");
+        v.forget_key(&cur.id());
+        assert_eq!(v.key_ids(), vec![cur.id()]);
+        assert!(matches!(v.source(), KeySource::Memory));
+    }
+
+    #[test]
+    fn a_key_id_that_names_another_keyring_key_is_refused() {
+        // Two keys held; a sealed secret relabelled with the other key's id
+        // must not open (the lookup is by id, then the AEAD decides).
+        let a = MasterKey::generate();
+        let b = MasterKey::generate();
+        let v = Vault::new(a.clone());
+        v.add_key(b.clone());
+        let mut s = v.seal("x", 1, b"v").unwrap();
+        s.key_id = b.id();
+        assert_decrypt_err(v.open("x", 1, &s), "relabelled key id");
+        assert_decrypt_err(
+            v.rewrap("x", 1, &s, &MasterKey::generate()),
+            "rewrap relabelled",
+        );
+        assert_eq!(v.blob_key_id("l", b"garbage-garbage-garbage-garbage"), None);
+    }
+
+    #[test]
+    fn debug_shows_ids_only() {
+        let k = MasterKey::generate();
+        let v = Vault::new(k.clone());
+        let dbg = format!("{v:?}");
+        assert!(dbg.contains(&k.id()), "{dbg}");
+        assert!(!dbg.contains(k.to_base64().as_str()), "{dbg}");
     }
 
     #[test]

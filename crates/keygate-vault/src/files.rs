@@ -218,7 +218,7 @@ fn create_temp(
 
 /// Makes a rename/link durable. Best effort: some filesystems refuse to fsync
 /// directories, and the data itself is already synced.
-fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

@@ -6,6 +6,10 @@
 //! * [`Vault`] — AES-256-GCM envelope encryption of secret values: a fresh data
 //!   key per secret version, wrapped by the master key, with the secret id and
 //!   version bound as AAD. Plaintext is only ever returned in zeroizing buffers.
+//!   The vault is a small keyring (the current master key plus the ones it
+//!   replaced) so that `keygate key rotate` can switch keys under live traffic.
+//! * [`KeySource`] / [`KeyFile`] — where the master key lives, and the
+//!   crash-safe file steps of a rotation (`<key file>.next`, then a rename).
 //! * [`TokenHasher`] and the token generators — agent/admin tokens and the keyed
 //!   hash the store keeps instead of the token.
 //! * [`CertificateAuthority`] — the local P-256 CA the agents trust, and the
@@ -19,6 +23,7 @@ mod ca;
 mod envelope;
 mod error;
 pub mod files;
+mod keyfile;
 mod master;
 mod token;
 
@@ -26,6 +31,7 @@ pub use ca::{CertificateAuthority, LeafCert};
 pub use envelope::{suffix_hint, Vault};
 pub use error::VaultError;
 pub use files::{create_private_file, ensure_private_dir, read_private_file, write_private_file};
+pub use keyfile::{KeyFile, KeySource};
 pub use master::MasterKey;
 pub use token::{ct_eq, generate_admin_token, generate_agent_token, random_key, TokenHasher};
 

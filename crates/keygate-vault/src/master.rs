@@ -10,9 +10,8 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::files::{
-    create_private_file, ensure_private_dir, read_private_file, read_private_file_opt,
-};
+use crate::files::{create_private_file, ensure_private_dir, read_private_file_opt};
+use crate::keyfile::{KeyFile, KeySource};
 use crate::VaultError;
 
 /// Length of the master key in bytes.
@@ -109,33 +108,53 @@ impl MasterKey {
         env_b64: Option<&str>,
         env_file: Option<&Path>,
     ) -> Result<MasterKey, VaultError> {
+        Self::load(data_dir, env_b64, env_file).map(|(key, _)| key)
+    }
+
+    /// [`MasterKey::load_or_create`], also telling where the key lives: that
+    /// decides whether `keygate key rotate` can replace it.
+    pub fn load(
+        data_dir: &Path,
+        env_b64: Option<&str>,
+        env_file: Option<&Path>,
+    ) -> Result<(MasterKey, KeySource), VaultError> {
         if let Some(b64) = env_b64 {
-            return Self::parse(b64, Some("KEYGATE_MASTER_KEY"));
+            return Ok((
+                Self::parse(b64, Some("KEYGATE_MASTER_KEY"))?,
+                KeySource::Env,
+            ));
         }
         if let Some(path) = env_file {
-            let bytes = read_private_file(path)?;
-            return Self::parse_file(&bytes, path);
+            let file = KeyFile::new(path);
+            return Ok((file.read()?, KeySource::File(file)));
         }
 
         ensure_private_dir(data_dir)?;
-        let path = data_dir.join(MASTER_KEY_FILE);
-        if let Some(bytes) = read_private_file_opt(&path)? {
-            return Self::parse_file(&bytes, &path);
+        let file = KeyFile::new(data_dir.join(MASTER_KEY_FILE));
+        let path = file.path();
+        if let Some(bytes) = read_private_file_opt(path)? {
+            let key = Self::parse_file(&bytes, path)?;
+            return Ok((key, KeySource::File(file)));
         }
         let key = MasterKey::generate();
-        let mut text = Zeroizing::new(String::with_capacity(64));
-        text.push_str(&key.to_base64());
-        text.push('\n');
-        if create_private_file(&path, text.as_bytes())? {
-            Ok(key)
+        if create_private_file(path, key.to_file_text().as_bytes())? {
+            Ok((key, KeySource::File(file)))
         } else {
             // Another process created it first: use theirs.
-            let bytes = read_private_file(&path)?;
-            Self::parse_file(&bytes, &path)
+            let key = file.read()?;
+            Ok((key, KeySource::File(file)))
         }
     }
 
-    fn parse_file(bytes: &[u8], path: &Path) -> Result<MasterKey, VaultError> {
+    /// What a key file holds: the base64 key and a newline.
+    pub(crate) fn to_file_text(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(String::with_capacity(64));
+        text.push_str(&self.to_base64());
+        text.push('\n');
+        text
+    }
+
+    pub(crate) fn parse_file(bytes: &[u8], path: &Path) -> Result<MasterKey, VaultError> {
         let origin = path.display().to_string();
         let text = std::str::from_utf8(bytes).map_err(|_| VaultError::InvalidMasterKey {
             origin: Some(origin.clone()),

@@ -51,6 +51,9 @@ pub enum Command {
     /// Dashboard administration (`admin set-password`).
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// The master key that wraps every secret's data key (`key rotate`).
+    #[command(subcommand)]
+    Key(KeyCmd),
 }
 
 #[derive(Debug, Args)]
@@ -220,4 +223,33 @@ pub enum AdminCmd {
     /// Set the dashboard's admin password (argon2id hash in the database).
     /// Read from stdin when it is not a terminal, else prompted twice.
     SetPassword,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Re-wrap every secret's data key (and the token-hash key) under a new
+    /// master key, without downtime.
+    ///
+    /// The running `keygate serve` generates a new master key, writes it to
+    /// `<key file>.next` (0600), re-wraps every data key under it in one
+    /// database transaction (secret values and agent tokens are unchanged),
+    /// then renames it over the key file: `<data dir>/master.key`, or the
+    /// file named by KEYGATE_MASTER_KEY_FILE. Requests keep flowing
+    /// throughout. If keygate stops half-way, the next start finishes or
+    /// undoes the rotation. The old key no longer opens anything: discard
+    /// every copy of it (backups included).
+    ///
+    /// A key given as KEYGATE_MASTER_KEY cannot be rotated (keygate cannot
+    /// change its environment): move it to a file named by
+    /// KEYGATE_MASTER_KEY_FILE first.
+    ///
+    /// Other keygate processes sharing the same PostgreSQL database still hold
+    /// the old key: restart them with the new key file, or they can no longer
+    /// decrypt secrets. Prints the old and new key ids, never key material.
+    Rotate {
+        /// Print the result as one JSON object:
+        /// {"key_id", "previous_key_id", "secrets"}.
+        #[arg(long)]
+        json: bool,
+    },
 }

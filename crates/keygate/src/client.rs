@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use crate::cli::{AgentCmd, AuditArgs, AuditCmd, CaCmd, Command, SecretCmd};
+use crate::cli::{AgentCmd, AuditArgs, AuditCmd, CaCmd, Command, KeyCmd, SecretCmd};
 use crate::paths;
 
 /// A client of the admin API with its token.
@@ -104,6 +104,7 @@ pub fn main(data_dir: Option<PathBuf>, admin_url: &str, cmd: Command) -> Result<
             Command::Secret(c) => secret(&client, c).await,
             Command::Agent(c) => agent(&client, c).await,
             Command::Audit(a) => audit(&client, a).await,
+            Command::Key(c) => key(&client, c).await,
             Command::Ca(CaCmd::Cert) => {
                 let pem = match dir.as_deref().map(paths::ca_cert) {
                     Some(p) if p.exists() => std::fs::read_to_string(&p)
@@ -360,6 +361,36 @@ async fn agent(client: &AdminClient, cmd: AgentCmd) -> Result<ExitCode> {
                 )
                 .await?;
             eprintln!("agent {name} deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn key(client: &AdminClient, cmd: KeyCmd) -> Result<ExitCode> {
+    match cmd {
+        KeyCmd::Rotate { json } => {
+            let r = client
+                .call(Method::POST, "/api/v1/key/rotate", None)
+                .await?;
+            if json {
+                // Only the known fields: ids and a count, never key material.
+                println!(
+                    "{}",
+                    json!({
+                        "key_id": r["key_id"],
+                        "previous_key_id": r["previous_key_id"],
+                        "secrets": r["secrets"],
+                    })
+                );
+            } else {
+                let n = r["secrets"].as_u64().unwrap_or(0);
+                println!(
+                    "master key rotated: {} -> {} ({n} secret{} re-wrapped)",
+                    r["previous_key_id"].as_str().unwrap_or("?"),
+                    r["key_id"].as_str().unwrap_or("?"),
+                    if n == 1 { "" } else { "s" }
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

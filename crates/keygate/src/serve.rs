@@ -13,7 +13,7 @@ use keygate_admin::AdminState;
 use keygate_core::pattern::parse_authority;
 use keygate_gateway::{EgressGuard, Gateway, GatewayConfig};
 use keygate_store::Store;
-use keygate_vault::{CertificateAuthority, MasterKey, Vault};
+use keygate_vault::{CertificateAuthority, Vault};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -124,12 +124,15 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
 
     let env_key = std::env::var("KEYGATE_MASTER_KEY").ok().map(Zeroizing::new);
     let env_key_file = std::env::var_os("KEYGATE_MASTER_KEY_FILE").map(PathBuf::from);
-    let master = MasterKey::load_or_create(
+    // The vault remembers where its key lives (`keygate key rotate` replaces
+    // a key file, refuses KEYGATE_MASTER_KEY); Store::open settles a
+    // rotation that was interrupted.
+    let vault = Arc::new(Vault::load(
         &dir,
         env_key.as_ref().map(|k| k.as_str()),
         env_key_file.as_deref(),
-    )?;
-    let vault = Arc::new(Vault::new(master));
+    )?);
+    drop(env_key);
     let ca = Arc::new(CertificateAuthority::load_or_create(&dir)?);
     let admin_token = load_or_create_admin_token(&dir)?;
 

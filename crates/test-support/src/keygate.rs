@@ -41,6 +41,18 @@ impl Keygate {
         Self::start_in(bin, dir, data_dir, extra, env)
     }
 
+    /// Like [`start_with_data_dir`](Self::start_with_data_dir) with extra
+    /// environment variables (e.g. `KEYGATE_MASTER_KEY_FILE`).
+    pub fn start_with_data_dir_and_env(
+        bin: &Path,
+        data_dir: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Keygate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(bin, dir, data_dir.to_path_buf(), extra, env)
+    }
+
     fn start_in(
         bin: &Path,
         dir: tempfile::TempDir,
