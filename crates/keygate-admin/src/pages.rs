@@ -1233,7 +1233,7 @@ pub async fn audit_export(
     };
     let mut out = String::new();
     if csv {
-        out.push_str("seq,ts,agent,method,scheme,host,port,path,status,decision,reason,secrets,duration_us,hash\n");
+        out.push_str("seq,ts,agent,method,scheme,host,port,path,status,decision,reason,secrets,duration_us,bytes_up,bytes_down,hash\n");
     }
     let mut n = 0;
     while let Some(f) = filter.as_mut() {
@@ -1256,14 +1256,22 @@ pub async fn audit_export(
                 csv_field(&mut out, r.reason.as_deref().unwrap_or(""));
                 out.push(',');
                 csv_field(&mut out, &r.secrets.join(" "));
-                let _ = writeln!(out, ",{},{}", r.duration_us, r.hash);
+                let count = |b: Option<i64>| b.map(|b| b.to_string()).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    ",{},{},{},{}",
+                    r.duration_us,
+                    count(r.bytes_up),
+                    count(r.bytes_down),
+                    r.hash
+                );
             } else {
                 let line = serde_json::json!({
                     "seq": r.seq, "ts": ui::rfc3339_ms(r.ts_ms), "agent": r.agent,
                     "method": r.method, "scheme": r.scheme, "host": r.host, "port": r.port,
                     "path": r.path, "status": r.status, "decision": r.decision,
                     "reason": r.reason, "secrets": r.secrets, "duration_us": r.duration_us,
-                    "hash": r.hash,
+                    "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "hash": r.hash,
                 });
                 out.push_str(&line.to_string());
                 out.push('\n');
@@ -1329,6 +1337,9 @@ pub async fn audit_record(
             dt { "Reason" } dd { (r.reason.as_deref().unwrap_or("—")) }
             dt { "Secrets injected" } dd { @if r.secrets.is_empty() { "none" } @else { (r.secrets.join(", ")) } }
             dt { "Duration" } dd { (r.duration_us) " µs" }
+            @if r.bytes_up.is_some() || r.bytes_down.is_some() {
+                dt { "Bytes piped" } dd { "↑ " (r.bytes_up.unwrap_or(0)) " B to the upstream, ↓ " (r.bytes_down.unwrap_or(0)) " B to the agent" }
+            }
             dt { "Hash" } dd { code.hash { (r.hash) } }
             dt { "Previous hash" } dd { code.hash { (r.prev_hash) } }
         }

@@ -23,6 +23,8 @@ fn event(ts_ms: i64, agent: &str, host: &str, decision: Decision, secrets: &[&st
         reason: None,
         secrets: secrets.iter().map(|s| s.to_string()).collect(),
         duration_us: 1,
+        bytes_up: None,
+        bytes_down: None,
     }
 }
 

@@ -71,8 +71,26 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// Names of the secrets injected.
     pub secrets: Vec<String>,
-    /// Time from request start to response headers, in microseconds.
+    /// Time from request start to response headers, in microseconds (for
+    /// an upgraded connection: until it closed).
     pub duration_us: u64,
+    /// Bytes piped agent → upstream after an HTTP/1.1 Upgrade (WebSocket);
+    /// `None` for ordinary requests.
+    #[serde(default)]
+    pub bytes_up: Option<u64>,
+    /// Bytes piped upstream → agent after an HTTP/1.1 Upgrade; `None` for
+    /// ordinary requests.
+    #[serde(default)]
+    pub bytes_down: Option<u64>,
+}
+
+impl AuditEvent {
+    /// The event with the byte counts of an upgraded connection.
+    pub fn with_bytes(mut self, up: u64, down: u64) -> AuditEvent {
+        self.bytes_up = Some(up);
+        self.bytes_down = Some(down);
+        self
+    }
 }
 
 /// Strips a query string and fragment from a request target, for audit.

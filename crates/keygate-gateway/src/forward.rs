@@ -116,6 +116,8 @@ impl RequestLog {
             reason,
             secrets,
             duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            bytes_up: None,
+            bytes_down: None,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! a fresh HTTP/1.1 upstream connection of its own; when the upstream
 //! answers `101 Switching Protocols`, both connections are taken over and
 //! bytes are piped both ways until either side closes or nothing moves for
-//! `upgrade_idle_timeout`. The audit record is written when the pipe ends.
+//! `upgrade_idle_timeout`. The audit record, with the bytes piped each way,
+//! is written when the pipe ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,7 +129,9 @@ pub(crate) async fn forward(
                     upstream_ok = u.is_ok(),
                     "upgrade did not complete"
                 );
-                let event = log.event(agent, 101, decision, None, injected);
+                let event = log
+                    .event(agent, 101, decision, None, injected)
+                    .with_bytes(0, 0);
                 emit(&shared, event).await;
                 return;
             }
@@ -136,7 +139,9 @@ pub(crate) async fn forward(
         let (up, down, why) = pipe(agent_io, upstream_io, idle).await;
         tracing::debug!(%host, bytes_to_upstream = up, bytes_to_agent = down, end = why, "upgraded connection closed");
         // duration_us covers the whole upgraded session.
-        let event = log.event(agent, 101, decision, None, injected);
+        let event = log
+            .event(agent, 101, decision, None, injected)
+            .with_bytes(up, down);
         emit(&shared, event).await;
     });
     Response::from_parts(

@@ -15,15 +15,15 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 const BATCH: usize = 512;
 const HEAD_KEY: &str = "audit_head";
 /// SQLite, on the writer's own connection: one cached statement per record.
-const INSERT_ONE_SQLITE: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+const INSERT_ONE_SQLITE: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 const UPSERT_HEAD: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const UPSERT_HEAD_SQLITE: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 /// PostgreSQL: the whole batch in one statement, as a JSON array of rows in
 /// [`COLUMNS`] order (see [`batch_json`]), unpacked by the server.
-const INSERT_BATCH_POSTGRES: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash) \
+const INSERT_BATCH_POSTGRES: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash) \
      SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, r->>7, \
-     (r->>8)::bigint, r->>9, r->>10, r->>11, (r->>12)::bigint, r->>13, r->>14 \
+     (r->>8)::bigint, r->>9, r->>10, r->>11, (r->>12)::bigint, (r->>13)::bigint, (r->>14)::bigint, r->>15, r->>16 \
      FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n";
 
 /// One stored audit record, as the API and CLI show it.
@@ -42,6 +42,11 @@ pub struct AuditRecord {
     pub reason: Option<String>,
     pub secrets: Vec<String>,
     pub duration_us: i64,
+    /// Bytes piped agent → upstream over an upgraded (WebSocket)
+    /// connection; `None` for ordinary requests.
+    pub bytes_up: Option<i64>,
+    /// Bytes piped upstream → agent over an upgraded connection.
+    pub bytes_down: Option<i64>,
     pub prev_hash: String,
     pub hash: String,
 }
@@ -62,6 +67,8 @@ impl AuditRecord {
             reason: e.reason.clone(),
             secrets: e.secrets.clone(),
             duration_us: i64::try_from(e.duration_us).unwrap_or(i64::MAX),
+            bytes_up: e.bytes_up.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+            bytes_down: e.bytes_down.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
             prev_hash,
             hash: String::new(),
         };
@@ -74,22 +81,43 @@ impl AuditRecord {
     pub fn compute_hash(&self) -> String {
         // Serialised straight from the fields (a tuple is a JSON array);
         // the bytes are those of the `serde_json::json!` array this chain
-        // was first defined with (a test pins them).
-        let body = serde_json::to_vec(&(
-            self.seq,
-            self.ts_ms,
-            &self.agent,
-            &self.method,
-            &self.scheme,
-            &self.host,
-            self.port,
-            &self.path,
-            self.status,
-            &self.decision,
-            &self.reason,
-            &self.secrets,
-            self.duration_us,
-        ))
+        // was first defined with (a test pins them). The byte counts of an
+        // upgraded connection came later: they are appended only when set,
+        // so every record without them hashes as it always did.
+        let body = match (self.bytes_up, self.bytes_down) {
+            (None, None) => serde_json::to_vec(&(
+                self.seq,
+                self.ts_ms,
+                &self.agent,
+                &self.method,
+                &self.scheme,
+                &self.host,
+                self.port,
+                &self.path,
+                self.status,
+                &self.decision,
+                &self.reason,
+                &self.secrets,
+                self.duration_us,
+            )),
+            (up, down) => serde_json::to_vec(&(
+                self.seq,
+                self.ts_ms,
+                &self.agent,
+                &self.method,
+                &self.scheme,
+                &self.host,
+                self.port,
+                &self.path,
+                self.status,
+                &self.decision,
+                &self.reason,
+                &self.secrets,
+                self.duration_us,
+                up,
+                down,
+            )),
+        }
         .unwrap_or_default();
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(self.prev_hash.as_bytes());
@@ -202,30 +230,39 @@ impl AuditWriter {
 /// A batch as one JSON array of rows in [`COLUMNS`] order; `secrets` is
 /// stored as its own JSON text, as the column holds it.
 fn batch_json(records: &[AuditRecord]) -> Result<String, StoreError> {
-    let rows: Vec<_> = records
-        .iter()
-        .map(|r| {
-            let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
-            (
-                r.seq,
-                r.ts_ms,
-                &r.agent,
-                &r.method,
-                &r.scheme,
-                &r.host,
-                r.port,
-                &r.path,
-                r.status,
-                &r.decision,
-                &r.reason,
-                secrets,
-                r.duration_us,
-                &r.prev_hash,
-                &r.hash,
-            )
-        })
-        .collect();
+    let rows: Vec<BatchRow<'_>> = records.iter().map(BatchRow).collect();
     serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("audit batch: {e}")))
+}
+
+/// One row of [`batch_json`]: a JSON array in [`COLUMNS`] order (written
+/// element by element: there are more columns than serde has tuple sizes).
+struct BatchRow<'a>(&'a AuditRecord);
+
+impl Serialize for BatchRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let r = self.0;
+        let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
+        let mut row = s.serialize_tuple(17)?;
+        row.serialize_element(&r.seq)?;
+        row.serialize_element(&r.ts_ms)?;
+        row.serialize_element(&r.agent)?;
+        row.serialize_element(&r.method)?;
+        row.serialize_element(&r.scheme)?;
+        row.serialize_element(&r.host)?;
+        row.serialize_element(&r.port)?;
+        row.serialize_element(&r.path)?;
+        row.serialize_element(&r.status)?;
+        row.serialize_element(&r.decision)?;
+        row.serialize_element(&r.reason)?;
+        row.serialize_element(&secrets)?;
+        row.serialize_element(&r.duration_us)?;
+        row.serialize_element(&r.bytes_up)?;
+        row.serialize_element(&r.bytes_down)?;
+        row.serialize_element(&r.prev_hash)?;
+        row.serialize_element(&r.hash)?;
+        row.end()
+    }
 }
 
 /// A batch for the SQLite writer thread, with this process's writer slot
@@ -331,6 +368,8 @@ fn write_sqlite(
                 r.reason,
                 secrets,
                 r.duration_us,
+                r.bytes_up,
+                r.bytes_down,
                 r.prev_hash,
                 r.hash,
             ])?;
@@ -368,12 +407,14 @@ fn record_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord, StoreError> {
         secrets: serde_json::from_str(&secrets)
             .map_err(|_| StoreError::Corrupt("audit secrets column".into()))?,
         duration_us: row.try_get("duration_us")?,
+        bytes_up: row.try_get("bytes_up")?,
+        bytes_down: row.try_get("bytes_down")?,
         prev_hash: row.try_get("prev_hash")?,
         hash: row.try_get("hash")?,
     })
 }
 
-const COLUMNS: &str = "seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, prev_hash, hash";
+const COLUMNS: &str = "seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash";
 
 impl Store {
     /// A writer that continues the chain from the last stored record.
@@ -552,6 +593,8 @@ mod tests {
                 reason,
                 secrets,
                 duration_us: i64::MAX,
+                bytes_up: None,
+                bytes_down: None,
                 prev_hash: "ab".repeat(32),
                 hash: String::new(),
             };
@@ -595,7 +638,10 @@ mod tests {
                 reason: None,
                 secrets: vec!["s".into()],
                 duration_us: 9,
-            },
+                bytes_up: None,
+                bytes_down: None,
+            }
+            .with_bytes(12, 34),
             GENESIS.to_string(),
         );
         let v: serde_json::Value =
@@ -609,7 +655,72 @@ mod tests {
         assert_eq!(at("reason"), &serde_json::Value::Null);
         assert_eq!(at("secrets"), "[\"s\"]");
         assert_eq!(at("duration_us"), 9);
+        assert_eq!(at("bytes_up"), 12);
+        assert_eq!(at("bytes_down"), 34);
         assert_eq!(at("prev_hash"), GENESIS);
         assert_eq!(at("hash"), r.hash.as_str());
+    }
+
+    fn upgrade_record(bytes: Option<(u64, u64)>) -> AuditRecord {
+        let mut e = AuditEvent {
+            ts_ms: 1_764_000_000_123,
+            agent: Some("bot".into()),
+            method: "GET".into(),
+            scheme: "https".into(),
+            host: "api.example.com".into(),
+            port: 443,
+            path: "/ws".into(),
+            status: 101,
+            decision: keygate_core::Decision::Injected,
+            reason: None,
+            secrets: vec!["openai".into()],
+            duration_us: 7,
+            bytes_up: None,
+            bytes_down: None,
+        };
+        if let Some((up, down)) = bytes {
+            e = e.with_bytes(up, down);
+        }
+        AuditRecord::from_event(42, &e, "ab".repeat(32))
+    }
+
+    /// Records without byte counts (every record written before they
+    /// existed) hash exactly as before; with counts, the two are appended
+    /// to the array. Both digests are pinned as literals (SHA-256 of
+    /// `prev_hash`, a newline and the compact JSON array).
+    #[test]
+    fn byte_counts_are_hashed_only_when_present() {
+        let plain = upgrade_record(None);
+        assert_eq!(
+            plain.hash,
+            "5cbae79efa2feae2dab3f3a8dbaebd38fb73d9b25f76f3fc51b9bb25f3f23b6d"
+        );
+        let counted = upgrade_record(Some((12, 34)));
+        assert_eq!((counted.bytes_up, counted.bytes_down), (Some(12), Some(34)));
+        assert_eq!(
+            counted.hash,
+            "590f4b3a005d9d7d7dc638e6a80bbf61197ddef8a29882485a8bd21dafcee0c1"
+        );
+    }
+
+    /// Editing a stored byte count (or removing it) breaks the record's
+    /// hash, so `audit verify` reports it.
+    #[test]
+    fn editing_a_byte_count_changes_the_hash() {
+        let r = upgrade_record(Some((12, 34)));
+        assert_eq!(r.compute_hash(), r.hash);
+        let edits: [fn(&mut AuditRecord); 6] = [
+            |r| r.bytes_up = Some(13),
+            |r| r.bytes_down = Some(0),
+            |r| r.bytes_up = None,
+            |r| r.bytes_down = None,
+            |r| (r.bytes_up, r.bytes_down) = (None, None),
+            |r| (r.bytes_up, r.bytes_down) = (r.bytes_down, r.bytes_up),
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut tampered = r.clone();
+            edit(&mut tampered);
+            assert_ne!(tampered.compute_hash(), r.hash, "edit {i} went unnoticed");
+        }
     }
 }

@@ -39,6 +39,8 @@ fn event(agent: &str, status: u16) -> AuditEvent {
         reason: None,
         secrets: vec!["openai".into()],
         duration_us: 42,
+        bytes_up: None,
+        bytes_down: None,
     }
 }
 
@@ -135,9 +137,13 @@ async fn scenario(url: &str) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
     for i in 0..20 {
-        tx.send(event(if i % 2 == 0 { "bot" } else { "other" }, 200))
-            .await
-            .unwrap();
+        let mut e = event(if i % 2 == 0 { "bot" } else { "other" }, 200);
+        if i == 10 {
+            // seq 11: a WebSocket session, with the bytes piped each way.
+            e.status = 101;
+            e = e.with_bytes(1234, 5678);
+        }
+        tx.send(e).await.unwrap();
     }
     drop(tx);
     writer.await.unwrap();
@@ -176,6 +182,53 @@ async fn scenario(url: &str) {
     let report = store.audit_verify().await.unwrap();
     assert!(!report.ok);
     assert_eq!(report.first_bad_seq, Some(7));
+    store
+        .execute_raw("UPDATE audit SET path = '/v1/models' WHERE seq = 7")
+        .await
+        .unwrap();
+    assert!(store.audit_verify().await.unwrap().ok, "edit undone");
+
+    // Byte counts round-trip (only on the upgrade record) and are covered
+    // by the hash chain.
+    let around = store
+        .audit_query(&AuditFilter {
+            before_seq: Some(13),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let counts = |seq: i64| {
+        around
+            .iter()
+            .find(|r| r.seq == seq)
+            .map(|r| (r.status, r.bytes_up, r.bytes_down))
+    };
+    assert_eq!(counts(11), Some((101, Some(1234), Some(5678))));
+    assert_eq!(counts(12), Some((200, None, None)));
+    for (tamper, seq) in [
+        ("bytes_up = 1235", 11),
+        ("bytes_down = 0", 11),
+        ("bytes_down = NULL", 11),
+        ("bytes_up = NULL, bytes_down = NULL", 11),
+        ("bytes_up = 0, bytes_down = 0", 12),
+    ] {
+        store
+            .execute_raw(&format!("UPDATE audit SET {tamper} WHERE seq = {seq}"))
+            .await
+            .unwrap();
+        let report = store.audit_verify().await.unwrap();
+        assert!(!report.ok, "{tamper} went unnoticed");
+        assert_eq!(report.first_bad_seq, Some(seq), "{tamper}");
+        store
+            .execute_raw(
+                "UPDATE audit SET bytes_up = CASE WHEN seq = 11 THEN 1234 END, \
+                 bytes_down = CASE WHEN seq = 11 THEN 5678 END WHERE seq IN (11, 12)",
+            )
+            .await
+            .unwrap();
+        assert!(store.audit_verify().await.unwrap().ok, "{tamper} undone");
+    }
 
     // A second store on the same database (another process) sees the same
     // token-hash key and continues the audit chain.

@@ -412,6 +412,8 @@ fn audit_line(r: &Value) -> Value {
         "reason": r["reason"],
         "secrets": r["secrets"],
         "duration_us": r["duration_us"],
+        "bytes_up": r["bytes_up"],
+        "bytes_down": r["bytes_down"],
     })
 }
 
@@ -420,8 +422,13 @@ fn print_audit(r: &Value, as_json: bool) {
         println!("{}", audit_line(r));
         return;
     }
+    // Upgraded (WebSocket) connections: the bytes piped each way.
+    let bytes = match (r["bytes_up"].as_i64(), r["bytes_down"].as_i64()) {
+        (None, None) => String::new(),
+        (up, down) => format!(" ↑{} B ↓{} B", up.unwrap_or(0), down.unwrap_or(0)),
+    };
     println!(
-        "{} {:<14} {:<7} {}://{}:{}{} {} {}{} {}",
+        "{} {:<14} {:<7} {}://{}:{}{} {} {}{}{} {}",
         fmt_ms(r["ts_ms"].as_i64().unwrap_or(0)),
         r["agent"].as_str().unwrap_or("-"),
         r["method"].as_str().unwrap_or(""),
@@ -435,6 +442,7 @@ fn print_audit(r: &Value, as_json: bool) {
             .as_str()
             .map(|x| format!(" ({x})"))
             .unwrap_or_default(),
+        bytes,
         names(&r["secrets"])
     );
 }

@@ -335,10 +335,12 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
     assert!(!lower.contains("placeholder"), "{head}");
     assert!(!lower.contains("proxy-authorization"), "{head}");
 
+    let mut piped = 0u64;
     for msg in [
         &b"hello"[..],
         &[0x81, 0x05, b'w', b'o', b'r', b'l', b'd'][..],
     ] {
+        piped += msg.len() as u64;
         tls.write_all(msg).await.expect("write");
         let mut back = vec![0u8; msg.len()];
         tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
@@ -368,6 +370,10 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
         .unwrap_or_else(|| panic!("no audit record for /ws: {audit:?}"));
     assert_eq!(ws["status"], 101);
     assert_eq!(ws["decision"], "injected");
+    // The close record carries the bytes piped each way after the
+    // handshake: what the agent sent, and the upstream's echo of it.
+    assert_eq!(ws["bytes_up"], piped, "{ws}");
+    assert_eq!(ws["bytes_down"], piped, "{ws}");
     assert!(!w.kg.logs().contains(SECRET));
 }
 
