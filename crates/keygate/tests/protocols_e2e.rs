@@ -173,12 +173,14 @@ async fn sse_events_reach_the_agent_while_the_upstream_holds_the_stream() {
     }
 }
 
+/// 1 GiB each way by default (about 10 s in a debug build);
+/// `KEYGATE_TEST_LARGE_MIB` changes the size.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_bodies_stream_both_ways_in_constant_memory() {
     let mib: u64 = std::env::var("KEYGATE_TEST_LARGE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(1024);
     let len = mib * 1024 * 1024;
     let w = world().await;
     let pid = w.kg.pid();
