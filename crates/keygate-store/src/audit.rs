@@ -84,41 +84,30 @@ impl AuditRecord {
         // was first defined with (a test pins them). The byte counts of an
         // upgraded connection came later: they are appended only when set,
         // so every record without them hashes as it always did.
-        let body = match (self.bytes_up, self.bytes_down) {
-            (None, None) => serde_json::to_vec(&(
-                self.seq,
-                self.ts_ms,
-                &self.agent,
-                &self.method,
-                &self.scheme,
-                &self.host,
-                self.port,
-                &self.path,
-                self.status,
-                &self.decision,
-                &self.reason,
-                &self.secrets,
-                self.duration_us,
-            )),
-            (up, down) => serde_json::to_vec(&(
-                self.seq,
-                self.ts_ms,
-                &self.agent,
-                &self.method,
-                &self.scheme,
-                &self.host,
-                self.port,
-                &self.path,
-                self.status,
-                &self.decision,
-                &self.reason,
-                &self.secrets,
-                self.duration_us,
-                up,
-                down,
-            )),
-        }
+        let mut body = serde_json::to_vec(&(
+            self.seq,
+            self.ts_ms,
+            &self.agent,
+            &self.method,
+            &self.scheme,
+            &self.host,
+            self.port,
+            &self.path,
+            self.status,
+            &self.decision,
+            &self.reason,
+            &self.secrets,
+            self.duration_us,
+        ))
         .unwrap_or_default();
+        if self.bytes_up.is_some() || self.bytes_down.is_some() {
+            // The same array with the two counts as its last elements.
+            if let Ok(tail) = serde_json::to_vec(&(self.bytes_up, self.bytes_down)) {
+                body.pop(); // `]`
+                body.push(b',');
+                body.extend_from_slice(&tail[1..]); // without its `[`
+            }
+        }
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(self.prev_hash.as_bytes());
         ctx.update(b"\n");
