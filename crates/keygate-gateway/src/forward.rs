@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use keygate_core::audit::path_without_query;
@@ -16,6 +16,7 @@ use keygate_core::{
     normalize_path, AgentEntry, AuditEvent, Decision, ErrorCode, SecretEntry, TokenHash,
 };
 
+use crate::upgrade::AgentSide;
 use crate::{auth, Body, GatewayError, Shared};
 
 /// The destination the agent asked for (CONNECT or absolute-form authority).
@@ -63,7 +64,10 @@ impl RequestLog {
         port: u16,
         started: Instant,
     ) -> RequestLog {
-        let path = if req.method() == http::Method::CONNECT {
+        // A tunnel CONNECT names no path; an extended CONNECT (RFC 8441) does.
+        let path = if req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_none()
+        {
             String::new()
         } else {
             path_without_query(req.uri().path()).to_string()
@@ -186,6 +190,26 @@ fn upgrade_wanted<B>(req: &Request<B>) -> Option<HeaderValue> {
         return None;
     }
     req.headers().get(header::UPGRADE).cloned()
+}
+
+/// A CONNECT inside a tunnel is only accepted as an HTTP/2 extended CONNECT
+/// for WebSocket (RFC 8441); returns the protocol as an `Upgrade` value.
+fn extended_connect_websocket<B>(req: &Request<B>) -> Result<HeaderValue, GatewayError> {
+    let protocol = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(|p| p.as_str());
+    match protocol {
+        Some(p) if p.eq_ignore_ascii_case("websocket") => Ok(HeaderValue::from_static("websocket")),
+        Some(p) => Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            format!("extended CONNECT for {p:?} is not supported (only websocket)"),
+        )),
+        None => Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "CONNECT inside a tunnel is not supported (HTTP/2 extended CONNECT for websocket is)",
+        )),
+    }
 }
 
 /// `te: trailers` is the one TE value that crosses a proxy (gRPC needs it).
@@ -375,8 +399,19 @@ pub(crate) async fn forward_https(
         }
     };
     // An Upgrade (WebSocket) takes the agent's connection over once both
-    // sides switch protocols.
-    let upgrade = upgrade_wanted(&req).map(|p| (p, hyper::upgrade::on(&mut req)));
+    // sides switch protocols; an HTTP/2 extended CONNECT takes the stream.
+    let upgrade = if req.method() == Method::CONNECT {
+        match extended_connect_websocket(&req) {
+            Ok(p) => Some((
+                AgentSide::H2ExtendedConnect,
+                p,
+                hyper::upgrade::on(&mut req),
+            )),
+            Err(err) => return refuse(shared, log, name, &err).await,
+        }
+    } else {
+        upgrade_wanted(&req).map(|p| (AgentSide::Http1Upgrade, p, hyper::upgrade::on(&mut req)))
+    };
     let (mut parts, body) = req.into_parts();
     let target = match parts.uri.query() {
         Some(q) => format!("https://{}{}?{}", dest.authority(), path, q),
@@ -403,10 +438,10 @@ pub(crate) async fn forward_https(
         Ok(n) => n,
         Err(err) => return refuse(shared, log, name, &err).await,
     };
-    if let Some((protocol, on_upgrade)) = upgrade {
+    if let Some((side, protocol, on_upgrade)) = upgrade {
         let req = Request::from_parts(parts, body);
         return crate::upgrade::forward(
-            shared, dest, req, protocol, on_upgrade, log, name, injected,
+            shared, dest, req, side, protocol, on_upgrade, log, name, injected,
         )
         .await;
     }

@@ -379,6 +379,148 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
     assert!(!w.kg.logs().contains(SECRET));
 }
 
+/// An HTTP/2 extended CONNECT (RFC 8441) for `protocol` to `path`.
+fn extended_connect(path: &str, protocol: &'static str) -> Request<AgentBody> {
+    let mut req = Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://stream.test{path}"))
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .header("authorization", "Bearer placeholder")
+        .body(empty_body())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static(protocol));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_over_http2_extended_connect_gets_the_credential_and_pipes_bytes() {
+    let w = world_with(&["--upgrade-idle-timeout", "2"], None).await;
+    let mut conn = w.conn("stream.test", AgentProto::Http2).await;
+    // An ordinary request first: the client then has keygate's SETTINGS,
+    // which must allow extended CONNECT.
+    let resp = conn
+        .send(request(
+            AgentProto::Http2,
+            "GET",
+            "stream.test",
+            "/json",
+            empty_body(),
+        ))
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+
+    let resp = conn
+        .send(extended_connect("/ws?room=2", "websocket"))
+        .await
+        .expect("extended CONNECT");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    // The upstream handshake (HTTP/1.1, made by keygate) carried the real
+    // credential and a key keygate generated; its accept stays with keygate.
+    let seen = resp
+        .headers()
+        .get("x-seen")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-seen from the upstream")
+        .to_string();
+    assert!(seen.contains(&format!("Bearer {SECRET}")), "{seen}");
+    assert!(!seen.contains("placeholder"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase().contains("sec-websocket-key"),
+        "{seen}"
+    );
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let upgraded = hyper::upgrade::on(resp).await.expect("h2 stream upgraded");
+    let mut io = test_support::hyper_util::rt::TokioIo::new(upgraded);
+    let mut piped = 0u64;
+    for msg in [&b"over h2"[..], &[0x81, 0x02, b'h', b'i'][..]] {
+        piped += msg.len() as u64;
+        io.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg);
+    }
+    // The same HTTP/2 connection still carries ordinary requests.
+    let resp = conn
+        .send(request(
+            AgentProto::Http2,
+            "GET",
+            "stream.test",
+            "/json",
+            empty_body(),
+        ))
+        .await
+        .expect("GET after the WebSocket");
+    assert_eq!(resp.status(), 200);
+    // Idle past --upgrade-idle-timeout: keygate ends the stream.
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut rest))
+        .await
+        .expect("idle stream closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let audit: Vec<serde_json::Value> =
+        w.kg.cli_ok(&["audit", "--json", "--limit", "100"], None)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit JSON"))
+            .collect();
+    let ws = audit
+        .iter()
+        .find(|r| r["path"] == "/ws")
+        .unwrap_or_else(|| panic!("no audit record for /ws: {audit:?}"));
+    assert_eq!(ws["method"], "CONNECT", "{ws}");
+    assert_eq!(ws["status"], 200, "{ws}");
+    assert_eq!(ws["decision"], "injected", "{ws}");
+    assert_eq!(ws["bytes_up"], piped, "{ws}");
+    assert_eq!(ws["bytes_down"], piped, "{ws}");
+    assert!(!w.kg.logs().contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_connects_inside_a_tunnel_are_refused() {
+    let w = world().await;
+    let mut conn = w.conn("stream.test", AgentProto::Http2).await;
+    let resp = conn
+        .send(request(
+            AgentProto::Http2,
+            "GET",
+            "stream.test",
+            "/json",
+            empty_body(),
+        ))
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    // Extended CONNECT for something other than WebSocket.
+    let resp = conn
+        .send(extended_connect("/tunnel", "connect-udp"))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 400);
+    let body = body_json(resp).await;
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    // A plain CONNECT (no :protocol) inside the tunnel.
+    let mut plain = Request::builder()
+        .method("CONNECT")
+        .uri("stream.test:443")
+        .version(http::Version::HTTP_2)
+        .body(empty_body())
+        .expect("request");
+    plain.headers_mut().insert(
+        "authorization",
+        http::HeaderValue::from_static("Bearer placeholder"),
+    );
+    let resp = conn.send(plain).await.expect("answer");
+    assert_eq!(resp.status(), 400);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -17,4 +17,4 @@ pub use keygate::Keygate;
 pub use streaming::{Alpn, StreamUpstream};
 pub use tunnel::{basic_auth, connect_raw, Answer, ConnectRefused, Tunnel};
 pub use upstream::{Seen, Upstream};
-pub use {bytes, http, http_body_util, hyper};
+pub use {bytes, http, http_body_util, hyper, hyper_util};

@@ -230,6 +230,10 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
         }
         "/ws" if req.headers().contains_key(header::UPGRADE) => {
             let desc = describe(&req);
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .map(|k| k.as_bytes().to_vec());
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 let Ok(up) = on.await else { return };
@@ -252,6 +256,11 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
             let h = resp.headers_mut();
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(accept) = key.as_deref().map(websocket_accept) {
+                if let Ok(v) = HeaderValue::from_str(&accept) {
+                    h.insert("sec-websocket-accept", v);
+                }
+            }
             // What the upstream saw in the handshake, for assertions.
             if let Ok(v) = HeaderValue::from_str(&desc.to_string()) {
                 h.insert("x-seen", v);
@@ -264,4 +273,14 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
             describe(&req).to_string(),
         ),
     }
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2), as
+/// a real WebSocket server answers.
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
