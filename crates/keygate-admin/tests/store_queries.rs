@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use keygate_core::{AuditEvent, Decision};
+use keygate_store::testing::TestPostgres;
 use keygate_store::{AuditFilter, Store};
 use keygate_vault::{MasterKey, Vault};
-use sqlx::Connection;
 
 fn event(ts_ms: i64, agent: &str, host: &str, decision: Decision, secrets: &[&str]) -> AuditEvent {
     AuditEvent {
@@ -132,27 +132,9 @@ async fn sqlite_dashboard_queries() {
 
 #[tokio::test]
 async fn postgres_dashboard_queries() {
-    let Ok(base) = std::env::var("KEYGATE_TEST_POSTGRES_URL") else {
-        eprintln!("KEYGATE_TEST_POSTGRES_URL not set: PostgreSQL variant not run");
+    let Some(db) = TestPostgres::create("admin_test").await else {
         return;
     };
-    sqlx::any::install_default_drivers();
-    let name = format!(
-        "keygate_admin_test_{}_{}",
-        std::process::id(),
-        keygate_core::now_ms()
-    );
-    let mut admin = sqlx::AnyConnection::connect(&base)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let (prefix, _) = base.rsplit_once('/').expect("URL with a database");
-    scenario(&format!("{prefix}/{name}")).await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .expect("drop database");
+    scenario(&db.url).await;
+    db.drop_now().await;
 }

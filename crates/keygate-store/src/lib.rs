@@ -19,6 +19,8 @@ mod keys;
 mod model;
 mod secrets;
 mod snapshot;
+#[doc(hidden)]
+pub mod testing;
 
 use std::sync::Arc;
 

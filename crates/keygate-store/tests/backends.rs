@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use keygate_core::{AuditEvent, Decision};
+use keygate_store::testing::TestPostgres;
 use keygate_store::{AuditFilter, NewSecret, Store, StoreError};
 use keygate_vault::{MasterKey, Vault};
-use sqlx::Connection;
 use zeroize::Zeroizing;
 
 fn vault() -> Arc<Vault> {
@@ -255,32 +255,11 @@ async fn sqlite_backend() {
 
 #[tokio::test]
 async fn postgres_backend() {
-    let Ok(base) = std::env::var("KEYGATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "KEYGATE_TEST_POSTGRES_URL not set: PostgreSQL scenario not run here (.ci/run runs it)"
-        );
+    let Some(db) = TestPostgres::create("test").await else {
         return;
     };
-    sqlx::any::install_default_drivers();
-    let name = format!(
-        "keygate_test_{}_{}",
-        std::process::id(),
-        keygate_core::now_ms()
-    );
-    let mut admin = sqlx::AnyConnection::connect(&base)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').expect("URL with a database");
-    let url = format!("{prefix}/{name}");
-    scenario(&url).await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    scenario(&db.url).await;
+    db.drop_now().await;
 }
 
 #[tokio::test]

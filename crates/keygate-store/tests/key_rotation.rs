@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keygate_core::SealedSecret;
+use keygate_store::testing::TestPostgres;
 use keygate_store::{NewSecret, Store, StoreError};
 use keygate_vault::{KeySource, MasterKey, Vault};
 use sqlx::{Connection, Row};
@@ -48,46 +49,6 @@ fn fixture_with(tmp: tempfile::TempDir, url: String) -> Fixture {
         data: tmp.path().join("data"),
         _tmp: tmp,
         url,
-    }
-}
-
-/// A fresh PostgreSQL database when KEYGATE_TEST_POSTGRES_URL names a
-/// server (as in `backends.rs`); dropped by [`PgDatabase::drop_now`].
-struct PgDatabase {
-    admin: sqlx::AnyConnection,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    async fn create(tag: &str) -> Option<PgDatabase> {
-        let Ok(base) = std::env::var("KEYGATE_TEST_POSTGRES_URL") else {
-            eprintln!("KEYGATE_TEST_POSTGRES_URL not set: PostgreSQL rotation not run here");
-            return None;
-        };
-        sqlx::any::install_default_drivers();
-        let name = format!(
-            "keygate_rot_{tag}_{}_{}",
-            std::process::id(),
-            keygate_core::now_ms()
-        );
-        let mut admin = sqlx::AnyConnection::connect(&base)
-            .await
-            .expect("connect to PostgreSQL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let (prefix, _) = base.rsplit_once('/').expect("URL with a database");
-        let url = format!("{prefix}/{name}");
-        Some(PgDatabase { admin, name, url })
-    }
-
-    async fn drop_now(mut self) {
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .execute(&mut self.admin)
-            .await
-            .unwrap();
     }
 }
 
@@ -264,12 +225,12 @@ async fn a_crash_after_the_commit_is_finished_at_the_next_start() {
 
 #[tokio::test]
 async fn postgres_rotation() {
-    let Some(db) = PgDatabase::create("a").await else {
+    let Some(db) = TestPostgres::create("rot_a").await else {
         return;
     };
     rotation_scenario(&fixture_with(tempfile::tempdir().unwrap(), db.url.clone())).await;
     db.drop_now().await;
-    let Some(db) = PgDatabase::create("b").await else {
+    let Some(db) = TestPostgres::create("rot_b").await else {
         return;
     };
     crash_after_commit_scenario(&fixture_with(tempfile::tempdir().unwrap(), db.url.clone())).await;
