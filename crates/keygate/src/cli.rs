@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// SIGTERM/SIGINT.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// Worker threads for the proxy and admin listeners (default: one per
+    /// CPU core). 1 runs everything on a single thread.
+    #[arg(long, env = "KEYGATE_WORKERS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]

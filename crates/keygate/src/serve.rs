@@ -24,7 +24,16 @@ use crate::paths;
 
 pub fn main(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<ExitCode> {
     init_logging(&args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = match args.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
