@@ -3,8 +3,8 @@
 (injection + audit on) -> upstream, on loopback, in one run.
 
 Started by bench/run.sh (which builds the release binaries); see
-bench/README.md. Needs: oha, nginx, openssl, curl. Writes
-bench/results/latest.{md,json} (or --out DIR).
+bench/README.md. Needs: oha, nginx, openssl, curl (and mitmdump with
+--mitmproxy). Writes bench/results/latest.{md,json} (or --out DIR).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "api.bench.test"
@@ -98,6 +99,32 @@ def wait_for(path, pattern, timeout=30):
     raise SystemExit(f"timed out waiting for {pattern!r} in {path}:\n" + Path(path).read_text())
 
 
+def wait_port(port, proc, what, out, timeout=10):
+    """Waits until 127.0.0.1:port accepts; fails with the process's output if
+    it exits or the port stays closed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    state = "exited" if proc.poll() is not None else f"not listening on {port} after {timeout} s"
+    raise SystemExit(f"{what} did not start ({state}):\n" + Path(out).read_text()[-2000:])
+
+
+@dataclass
+class Proxy:
+    """A proxy oha can go through: keygate, or a peer (mitmproxy)."""
+    key: str  # prefix of its per-request CPU key: kg_cpu_us_per_req...
+    pid: int
+    addr: str  # host:port
+    ca: Path  # CA the client trusts for the intercepted TLS
+    oha_args: list = field(default_factory=list)
+
+
 class World:
     """Certificates, nginx, the streaming upstream and keygate, in a temp dir."""
 
@@ -105,6 +132,8 @@ class World:
         self.bindir = Path(bindir)
         self.work = Path(work)
         self.procs = []
+        self.keygate_args = []
+        self.proxies = {}  # name -> Proxy
 
     def close(self):
         for p in reversed(self.procs):
@@ -174,14 +203,7 @@ http {{
         p = subprocess.Popen(["nginx", "-p", str(w), "-c", str(w / "nginx.conf")],
                              stdout=subprocess.DEVNULL, stderr=open(w / "nginx.out", "w"))
         self.procs.append(p)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.nginx_port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("nginx did not start: " + (w / "nginx.out").read_text())
+        wait_port(self.nginx_port, p, "nginx", w / "nginx.out")
 
     def upstream_cpu(self):
         """CPU seconds of nginx (master and workers)."""
@@ -222,6 +244,7 @@ http {{
                 "--admin-listen", "127.0.0.1:0", "--upstream-ca", str(self.ca),
                 "--allow-net", "127.0.0.0/8",
                 "--resolve", f"{HOST}:443=127.0.0.1:{self.nginx_port}"]
+        args += self.keygate_args
         if self.stream:
             args += ["--upstream-ca", self.stream["ca"],
                      "--resolve", f"{HOST}:8443={self.stream['tls']}"]
@@ -244,6 +267,33 @@ http {{
                                capture_output=True, text=True).stdout.strip()
         self.token = token
         self.kg_ca = w / "data" / "ca.pem"
+        auth = base64.b64encode(f"agent:{token}".encode()).decode()
+        self.proxies["keygate"] = Proxy(
+            "kg", p.pid, self.proxy, self.kg_ca,
+            ["--proxy-header", f"Proxy-Authorization: Basic {auth}"])
+
+    def mitmproxy(self):
+        """mitmdump with bench/mitm_inject.py, doing what keygate's "bench"
+        secret does (Authorization: Bearer on api.bench.test /v1/*, --resolve
+        to nginx, nginx's CA trusted upstream); its own CA in the temp dir."""
+        w = self.work
+        port = free_port()
+        conf = w / "mitmproxy"
+        args = [shutil.which("mitmdump"), "--listen-host", "127.0.0.1",
+                "--listen-port", str(port), "-s", str(Path(__file__).with_name("mitm_inject.py")),
+                "--set", f"confdir={conf}", "--set", f"ssl_verify_upstream_trusted_ca={self.ca}",
+                "--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+                "--set", f"inject_host={HOST}", "--set", f"inject_secret={SECRET}",
+                "--set", f"inject_resolve={HOST}:443=127.0.0.1:{self.nginx_port}"]
+        out = w / "mitmdump.log"
+        p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p, "mitmdump", out, timeout=30)
+        version = run([args[0], "--version"]).stdout.split("\n")[0].split()[-1]
+        self.proxies["mitmproxy"] = Proxy("mitm", p.pid, f"127.0.0.1:{port}",
+                                          conf / "mitmproxy-ca-cert.pem")
+        return {"version": version}
 
     def audit_count(self):
         out = subprocess.run([str(self.bindir / "keygate"), "audit", "--json", "--limit", "1"],
@@ -254,8 +304,9 @@ http {{
 # ---------------------------------------------------------------- load
 
 
-def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=None,
+def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         requests=None):
+    """via: None (direct to nginx) or a name in world.proxies."""
     url = f"https://{HOST}/v1/chat/completions"
     cmd = ["oha", "--no-tui", "--output-format", "json", "-c", str(conc),
            "-H", "Authorization: Bearer placeholder"]
@@ -269,17 +320,17 @@ def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=Non
         cmd += ["--disable-keepalive"]
     if rate:
         cmd += ["-q", str(rate)]
-    if via_keygate:
-        auth = base64.b64encode(f"agent:{world.token}".encode()).decode()
-        cmd += ["--no-pre-lookup", "-x", f"http://{world.proxy}", "--proxy-header",
-                f"Proxy-Authorization: Basic {auth}", "--cacert", str(world.kg_ca)]
+    px = world.proxies[via] if via else None
+    if px:
+        cmd += ["--no-pre-lookup", "-x", f"http://{px.addr}", "--cacert", str(px.ca)]
+        cmd += px.oha_args
     else:
         cmd += ["--connect-to", f"{HOST}:443:127.0.0.1:{world.nginx_port}",
                 "--cacert", str(world.ca)]
     cmd.append(url)
-    pid = world.kg.pid
+    pid = (px or world.proxies["keygate"]).pid
     perf = None
-    if via_keygate and getattr(world, "perf_dir", None):
+    if via == "keygate" and getattr(world, "perf_dir", None):
         world.perf_dir.mkdir(parents=True, exist_ok=True)
         tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
         perf = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-g", "-p", str(pid),
@@ -319,13 +370,20 @@ def oha(world, via_keygate, conc, seconds, http2=False, keepalive=True, rate=Non
     if total:
         # Calibration: what the (C, event-driven) upstream spends per request.
         res["upstream_cpu_us_per_req"] = (up1 - up0) * 1e6 / total
-    if via_keygate and total:
-        res["kg_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+    if px and total:
+        res[f"{px.key}_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+    if via == "keygate" and total:
         # The audit writer (SQLite, its own thread) apart from the proxy.
         audit = sum(v - threads0.get(k, 0.0) for k, v in threads1.items() if k.startswith(("sqlx", "keygate-audit")))
         res["kg_audit_cpu_us_per_req"] = audit * 1e6 / total
         res["kg_proxy_cpu_us_per_req"] = res["kg_cpu_us_per_req"] - res["kg_audit_cpu_us_per_req"]
     return res
+
+
+def vs_direct(direct, proxied):
+    """(req/s ratio to the direct run, added p50 µs)."""
+    ratio = proxied["rps"] / direct["rps"] if direct["rps"] else None
+    return ratio, proxied["p50_us"] - direct["p50_us"]
 
 
 def sse_ttfb(world, via_keygate, n):
@@ -419,6 +477,39 @@ def fmt(v, unit=""):
     return f"{v}{unit}"
 
 
+def peer_table(results, proxies):
+    """keygate next to the peers (keep-alive and HTTP/2 scenarios), against
+    the same direct runs."""
+    rows = []
+    for r in results["scenarios"]:
+        if "skipped" in r or not any(v in r for v in results["peers"]):
+            continue
+        legs = [("keygate", dict(r["keygate"], ratio=r["ratio"], added_p50_us=r["added_p50_us"]))]
+        legs += [(v, r[v]) for v in results["peers"] if v in r]
+        for via, x in legs:
+            if "skipped" in x:
+                rows.append(f"| {r['scenario']} | {via} | skipped | | | | | |")
+                continue
+            rows.append(
+                f"| {r['scenario']} | {via} | {fmt(x['rps'])} | {x['ratio']:.3f} × "
+                f"| {fmt(x['added_p50_us'])} | {fmt(x['p99_us'])} "
+                f"| {fmt(x.get(proxies[via].key + '_cpu_us_per_req'))} "
+                f"| {x['errors'] + x['non_2xx']} |")
+    md = ["Peers, against the same direct runs (" +
+          ", ".join(f"{k} {v['version']}" for k, v in results["peers"].items()) + "):", ""]
+    if rows:
+        md += ["| scenario | proxy | req/s | ratio | added p50 µs | p99 µs "
+               "| proxy CPU µs/req | errors |",
+               "|---|---|---:|---:|---:|---:|---:|---:|"] + rows + [""]
+    else:
+        md += ["no keep-alive or HTTP/2 scenario was run (--only).", ""]
+    for via, info in results["peers"].items():
+        md.append(f"{via} RSS: idle {info['idle_rss_mib']:.1f} MiB, peak under load "
+                  f"{info['peak_rss_mib']:.1f} MiB, after {info['rss_after_mib']:.1f} MiB.")
+    md.append("")
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="directory with keygate (+ stream-upstream)")
@@ -429,12 +520,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 s runs (CI smoke)")
     ap.add_argument("--upstream-http1", action="store_true",
                     help="nginx offers HTTP/1.1 only (default: h2 and HTTP/1.1)")
+    ap.add_argument("--keygate-arg", action="append", default=[],
+                    help="extra argument for `keygate serve` (repeatable), e.g. --keygate-arg=--workers=1")
     ap.add_argument("--only", default="", help="run scenarios whose name contains this")
     ap.add_argument("--perf", default="",
                     help="directory: record a perf profile of keygate during each "
                          "through-keygate run (perf-<scenario>.data)")
     ap.add_argument("--tunnels", type=int, default=2000,
                     help="idle tunnels to open and hold at the end (0: skip)")
+    ap.add_argument("--mitmproxy", action="store_true",
+                    help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
+                         "keep-alive and HTTP/2 scenarios")
     args = ap.parse_args()
     secs = 1.0 if args.quick else args.seconds
     if args.quick:
@@ -444,9 +540,13 @@ def main():
     for tool in ("oha", "nginx", "openssl", "curl"):
         if not shutil.which(tool):
             raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
+    if args.mitmproxy and not shutil.which("mitmdump"):
+        raise SystemExit("--mitmproxy needs mitmdump on PATH: pip install mitmproxy "
+                         "(see bench/README.md)")
     work = tempfile.mkdtemp(prefix="keygate-bench-")
     world = World(args.bin, work)
     world.perf_dir = Path(args.perf) if args.perf else None
+    world.keygate_args = args.keygate_arg
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
                "seconds": secs, "scenarios": []}
     try:
@@ -454,43 +554,63 @@ def main():
         world.nginx(http2=not args.upstream_http1)
         world.stream_upstream()
         world.keygate()
+        peers = {}  # name -> version, RSS
+        if args.mitmproxy:
+            peers["mitmproxy"] = world.mitmproxy()
+            results["peers"] = peers
         time.sleep(0.3)
         pid = world.kg.pid
         results["kg_idle_rss_mib"] = mem_kib(pid, "VmRSS") / 1024
         log(f"keygate pid {pid} idle RSS {results['kg_idle_rss_mib']:.1f} MiB")
+        for via, info in peers.items():
+            info["idle_rss_mib"] = mem_kib(world.proxies[via].pid, "VmRSS") / 1024
+            log(f"{via} {info['version']} pid {world.proxies[via].pid} "
+                f"idle RSS {info['idle_rss_mib']:.1f} MiB")
         # warm-up (leaf minting, pools)
-        oha(world, True, 4, 0.5)
-        oha(world, False, 4, 0.5)
-        reset_peak(pid)
+        for via in ["keygate", *peers, None]:
+            oha(world, via, 4, 0.5)
+        for px in world.proxies.values():
+            reset_peak(px.pid)
 
-        scenarios = [
-            ("HTTP/1.1 keep-alive c=1", dict(conc=1, seconds=secs)),
-            ("HTTP/1.1 keep-alive c=32", dict(conc=32, seconds=secs)),
-            ("HTTP/2 c=1", dict(conc=1, seconds=secs, http2=True)),
-            ("HTTP/2 c=32", dict(conc=32, seconds=secs, http2=True)),
+        scenarios = [  # name, oha arguments, also through the peers
+            ("HTTP/1.1 keep-alive c=1", dict(conc=1, seconds=secs), True),
+            ("HTTP/1.1 keep-alive c=32", dict(conc=32, seconds=secs), True),
+            ("HTTP/2 c=1", dict(conc=1, seconds=secs, http2=True), True),
+            ("HTTP/2 c=32", dict(conc=32, seconds=secs, http2=True), True),
             ("cold (new CONNECT+TLS) c=1",
-             dict(conc=1, seconds=secs * 4, keepalive=False, requests=args.cold_requests)),
+             dict(conc=1, seconds=secs * 4, keepalive=False, requests=args.cold_requests), False),
             ("cold (new CONNECT+TLS) c=8",
-             dict(conc=8, seconds=secs * 4, keepalive=False, requests=args.cold_requests * 2)),
+             dict(conc=8, seconds=secs * 4, keepalive=False, requests=args.cold_requests * 2),
+             False),
         ]
-        for name, kw in scenarios:
+        for name, kw, with_peers in scenarios:
             if args.only and args.only not in name:
                 continue
             row = {"scenario": name}
             try:
-                row["direct"] = oha(world, False, **kw)
-                row["keygate"] = oha(world, True, **kw)
+                row["direct"] = oha(world, None, **kw)
+                row["keygate"] = oha(world, "keygate", **kw)
             except SystemExit as e:
                 log(f"{name}: skipped: {e}")
                 row["skipped"] = str(e)[:300]
                 results["scenarios"].append(row)
                 continue
             d, k = row["direct"], row["keygate"]
-            row["ratio"] = k["rps"] / d["rps"] if d["rps"] else None
-            row["added_p50_us"] = k["p50_us"] - d["p50_us"]
+            row["ratio"], row["added_p50_us"] = vs_direct(d, k)
             log(f"{name}: direct {d['rps']:.0f} req/s, keygate {k['rps']:.0f} req/s "
                 f"(x{row['ratio']:.2f}), +{row['added_p50_us']:.0f} us p50, "
                 f"{k.get('kg_cpu_us_per_req', 0):.1f} us CPU/req")
+            for via in peers if with_peers else ():
+                try:
+                    x = row[via] = oha(world, via, **kw)
+                except SystemExit as e:
+                    log(f"{name} via {via}: skipped: {e}")
+                    row[via] = {"skipped": str(e)[:300]}
+                    continue
+                x["ratio"], x["added_p50_us"] = vs_direct(d, x)
+                log(f"{name}: {via} {x['rps']:.0f} req/s (x{x['ratio']:.2f}), "
+                    f"+{x['added_p50_us']:.0f} us p50, "
+                    f"{x.get(world.proxies[via].key + '_cpu_us_per_req', 0):.1f} us CPU/req")
             results["scenarios"].append(row)
         # p99 at half of keygate's max keep-alive load
         kmax = next((r for r in results["scenarios"]
@@ -498,16 +618,18 @@ def main():
         if kmax:
             rate = max(1, int(kmax["keygate"]["rps"] / 2))
             row = {"scenario": f"HTTP/1.1 c=32 at {rate} req/s (half of max)"}
-            row["direct"] = oha(world, False, 32, secs, rate=rate)
-            row["keygate"] = oha(world, True, 32, secs, rate=rate)
-            row["ratio"] = row["keygate"]["rps"] / row["direct"]["rps"]
-            row["added_p50_us"] = row["keygate"]["p50_us"] - row["direct"]["p50_us"]
+            row["direct"] = oha(world, None, 32, secs, rate=rate)
+            row["keygate"] = oha(world, "keygate", 32, secs, rate=rate)
+            row["ratio"], row["added_p50_us"] = vs_direct(row["direct"], row["keygate"])
             results["scenarios"].append(row)
         sse = {"direct": sse_ttfb(world, False, args.sse), "keygate": sse_ttfb(world, True, args.sse)}
         if sse["direct"]:
             results["sse_ttfb"] = sse
         results["kg_peak_rss_mib"] = mem_kib(pid, "VmHWM") / 1024
         results["kg_rss_after_mib"] = mem_kib(pid, "VmRSS") / 1024
+        for via, info in peers.items():
+            info["peak_rss_mib"] = mem_kib(world.proxies[via].pid, "VmHWM") / 1024
+            info["rss_after_mib"] = mem_kib(world.proxies[via].pid, "VmRSS") / 1024
         if args.tunnels > 0:
             results["idle_tunnels"] = idle_tunnels(world, args.tunnels)
             log("idle tunnels:", results["idle_tunnels"])
@@ -547,6 +669,8 @@ def main():
                   f"{t['errors']} errors, keygate RSS {t['rss_before_mib']:.1f} → "
                   f"{t['rss_held_mib']:.1f} MiB = {t['kib_per_tunnel']:.1f} KiB per tunnel.")
     md.append("")
+    if peers:
+        md += peer_table(results, world.proxies)
     (out / "latest.md").write_text("\n".join(md))
     print("\n".join(md))
 
