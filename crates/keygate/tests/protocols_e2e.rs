@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct World {
     _both: StreamUpstream,
     _h1: StreamUpstream,
-    _h2: StreamUpstream,
+    h2: StreamUpstream,
     kg: Keygate,
     token: String,
     ca: String,
@@ -57,7 +57,7 @@ async fn world_with(extra: &[&str], data_dir: Option<&std::path::Path>) -> World
     World {
         _both: both,
         _h1: h1,
-        _h2: h2,
+        h2,
         kg,
         token,
         ca,
@@ -377,6 +377,47 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
     assert_eq!(ws["bytes_up"], piped, "{ws}");
     assert_eq!(ws["bytes_down"], piped, "{ws}");
     assert!(!w.kg.logs().contains(SECRET));
+}
+
+/// HPACK "literal header field never indexed" with the static-table name
+/// `authorization` (index 23): `0001 1111`, then 23 − 15 = 8 (RFC 7541
+/// §6.2.3, §5.1, Appendix A).
+const AUTHORIZATION_NEVER_INDEXED: [u8; 2] = [0x1f, 0x08];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injected_credentials_are_never_indexed_by_hpack_upstream() {
+    let w = world().await;
+    // An HTTP/1.1 agent: its own headers are not HPACK-encoded at all, so
+    // everything in the upstream's header blocks is keygate's encoding.
+    let mut conn = w.conn("h2.test", AgentProto::Http1).await;
+    for _ in 0..3 {
+        let resp = conn
+            .send(request(
+                AgentProto::Http1,
+                "GET",
+                "h2.test",
+                "/json",
+                empty_body(),
+            ))
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), 200);
+        let seen = body_json(resp).await;
+        assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    }
+    let blocks = w.h2.h2_header_blocks();
+    assert_eq!(blocks.len(), 3, "one header block per request: {blocks:?}");
+    // Had the secret been indexed, the second and third requests would
+    // carry a one-byte reference to the dynamic table instead of the
+    // literal: every request must carry the never-indexed literal.
+    for (i, block) in blocks.iter().enumerate() {
+        assert!(
+            block
+                .windows(AUTHORIZATION_NEVER_INDEXED.len())
+                .any(|w| w == AUTHORIZATION_NEVER_INDEXED),
+            "request {i}: authorization not sent as never-indexed: {block:02x?}"
+        );
+    }
 }
 
 /// An HTTP/2 extended CONNECT (RFC 8441) for `protocol` to `path`.

@@ -16,7 +16,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -45,8 +45,20 @@ pub struct StreamUpstream {
     pub tls_addr: SocketAddr,
     pub ca_pem: String,
     pub ca_file: std::path::PathBuf,
+    /// The first [`TAP_LIMIT`] bytes received on each HTTP/2 connection
+    /// (decrypted), for tests that look at the HPACK encoding.
+    h2_received: Taps,
     _dir: tempfile::TempDir,
 }
+
+/// What each tapped connection received, one buffer per connection.
+type Taps = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+
+/// Bytes kept per HTTP/2 connection by [`StreamUpstream`]'s tap.
+const TAP_LIMIT: usize = 64 * 1024;
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type StreamBodyT = BoxBody<Bytes, Infallible>;
 
@@ -65,15 +77,27 @@ impl StreamUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let tls_addr = listener.local_addr().expect("addr");
         let acceptor = TlsAcceptor::from(Arc::new(config));
+        let h2_received: Taps = Arc::default();
+        let taps = h2_received.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
+                let taps = taps.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
+                    if h2 {
+                        taps.lock().expect("taps").push(seen.clone());
+                    }
+                    let tls = Tap {
+                        inner: tls,
+                        seen,
+                        on: h2,
+                    };
                     let service = service_fn(|req| async move { Ok::<_, Infallible>(route(req)) });
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     if h2 {
@@ -91,8 +115,116 @@ impl StreamUpstream {
             tls_addr,
             ca_pem,
             ca_file,
+            h2_received,
             _dir: dir,
         }
+    }
+
+    /// The HPACK header blocks (HEADERS plus CONTINUATION payloads) the
+    /// client sent on each HTTP/2 connection so far, in order.
+    pub fn h2_header_blocks(&self) -> Vec<Vec<u8>> {
+        let conns = self.h2_received.lock().expect("taps").clone();
+        conns
+            .iter()
+            .flat_map(|c| header_blocks(&c.lock().expect("tap")))
+            .collect()
+    }
+}
+
+/// Splits a received HTTP/2 byte stream (preface, then frames) into header
+/// blocks; stops at a truncated frame.
+fn header_blocks(raw: &[u8]) -> Vec<Vec<u8>> {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let Some(mut rest) = raw.strip_prefix(H2_PREFACE) else {
+        return blocks;
+    };
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        if rest.len() < 9 + len {
+            break;
+        }
+        let mut payload = &rest[9..9 + len];
+        rest = &rest[9 + len..];
+        match kind {
+            // HEADERS: optional padding (0x8) and priority (0x20) fields.
+            0x1 => {
+                let mut pad = 0;
+                if flags & 0x8 != 0 && !payload.is_empty() {
+                    pad = usize::from(payload[0]);
+                    payload = &payload[1..];
+                }
+                if flags & 0x20 != 0 && payload.len() >= 5 {
+                    payload = &payload[5..];
+                }
+                let end = payload.len().saturating_sub(pad);
+                blocks.push(payload[..end].to_vec());
+            }
+            // CONTINUATION.
+            0x9 => {
+                if let Some(last) = blocks.last_mut() {
+                    last.extend_from_slice(payload);
+                }
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// Records the first [`TAP_LIMIT`] bytes read through it when `on`.
+struct Tap<S> {
+    inner: S,
+    seen: Arc<Mutex<Vec<u8>>>,
+    on: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.on {
+            let mut seen = this.seen.lock().expect("tap");
+            let room = TAP_LIMIT.saturating_sub(seen.len());
+            let new = &buf.filled()[before..];
+            seen.extend_from_slice(&new[..new.len().min(room)]);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tap<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
