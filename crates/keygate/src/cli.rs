@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// dropped).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub header_read_timeout: u64,
+    /// Seconds an agent may take for the TLS handshake inside a CONNECT
+    /// tunnel (silent clients are dropped).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub tls_handshake_timeout: u64,
     /// Seconds allowed for each of the upstream TCP connect and TLS
     /// handshake.
     #[arg(long, value_name = "SECS", default_value_t = 10)]

@@ -186,6 +186,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         upstream_roots,
         header_read_timeout: Duration::from_secs(args.header_read_timeout.max(1)),
         connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
         response_timeout: Duration::from_secs(args.response_timeout.max(1)),
         upgrade_idle_timeout: Duration::from_secs(args.upgrade_idle_timeout.max(1)),
         ..GatewayConfig::default()

@@ -618,19 +618,7 @@ async fn slow_and_oversized_request_heads_are_dropped() {
     slow.write_all(b"CONNECT stream.test:443 HTTP/1.1\r\nHost: stream.test\r\n")
         .await
         .expect("write");
-    let started = Instant::now();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match slow.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "a slow request head held its connection");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    closed_within(&mut slow, Duration::from_secs(5), "a slow request head").await;
 
     // The same inside a tunnel.
     let mut tls = agent_tls(
@@ -646,16 +634,12 @@ async fn slow_and_oversized_request_heads_are_dropped() {
     tls.write_all(b"GET / HTTP/1.1\r\nHost: stream.test\r\n")
         .await
         .expect("write");
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
+    closed_within(
+        &mut tls,
+        Duration::from_secs(5),
+        "a slow request head in a tunnel",
+    )
     .await;
-    assert!(closed.is_ok(), "a slow request head held its tunnel");
 
     // A request head larger than the limit is refused, not buffered.
     let mut tls = agent_tls(
@@ -691,4 +675,127 @@ async fn slow_and_oversized_request_heads_are_dropped() {
         .await
         .expect("response");
     assert_eq!(resp.status(), 200);
+}
+
+/// Reads (and discards) until the peer closes; panics if it is still open
+/// after `within`.
+async fn closed_within<S>(stream: &mut S, within: Duration, what: &str)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: still open after {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_idle_agents_are_dropped() {
+    let w = world_with(
+        &["--header-read-timeout", "1", "--tls-handshake-timeout", "1"],
+        None,
+    )
+    .await;
+    // A tunnel whose client never starts TLS.
+    let mut silent = test_support::connect_raw(
+        w.kg.proxy,
+        "stream.test:443",
+        Some(&test_support::basic_auth(&w.token)),
+    )
+    .await
+    .expect("CONNECT");
+    closed_within(&mut silent, Duration::from_secs(5), "a tunnel without TLS").await;
+
+    // A keep-alive connection left idle after a request.
+    let mut conn = w.conn("stream.test", AgentProto::Http1).await;
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            "/json",
+            empty_body(),
+        ))
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let _ = body_json(resp).await;
+    let AgentConn::Http1(sender) = &conn else {
+        unreachable!()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sender.is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "an idle keep-alive connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_slow_upstreams_answer_504() {
+    // An upstream that accepts TCP and then never speaks.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let resolve = format!("silent.test:443={silent_addr}");
+    let w = world_with(
+        &[
+            "--connect-timeout",
+            "1",
+            "--response-timeout",
+            "2",
+            "--resolve",
+            &resolve,
+        ],
+        None,
+    )
+    .await;
+    // (host, path, which timeout answers, in whole seconds)
+    for (host, path, what, secs) in [
+        (
+            "silent.test",
+            "/json",
+            "--connect-timeout (upstream TLS)",
+            1,
+        ),
+        (
+            "stream.test",
+            "/json?delay_ms=5000",
+            "--response-timeout",
+            2,
+        ),
+    ] {
+        let mut conn = w.conn(host, AgentProto::Http1).await;
+        let started = Instant::now();
+        let resp = conn
+            .send(request(AgentProto::Http1, "GET", host, path, empty_body()))
+            .await
+            .expect("an answer");
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 504, "{what}");
+        let body = body_json(resp).await;
+        assert_eq!(body["error"]["code"], "upstream_timeout", "{what}: {body}");
+        let expected = Duration::from_secs(secs);
+        assert!(
+            took >= expected - Duration::from_millis(100)
+                && took < expected + Duration::from_millis(900),
+            "{what}: answered after {took:?}"
+        );
+    }
 }

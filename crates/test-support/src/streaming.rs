@@ -12,6 +12,8 @@
 //! - `/ws`: with `Upgrade`, answers 101 and echoes every byte back until
 //!   the client closes.
 //! - anything else: JSON with the method, target, version and headers.
+//!
+//! On any route, `delay_ms=N` in the query delays the response head by N ms.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -98,7 +100,13 @@ impl StreamUpstream {
                         seen,
                         on: h2,
                     };
-                    let service = service_fn(|req| async move { Ok::<_, Infallible>(route(req)) });
+                    let service = service_fn(|req| async move {
+                        // Any route: `delay_ms=N` holds the response head back.
+                        if let Some(ms) = query(&req, "delay_ms") {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        Ok::<_, Infallible>(route(req))
+                    });
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     if h2 {
                         builder = builder.http2_only();
