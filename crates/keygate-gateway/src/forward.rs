@@ -17,7 +17,7 @@ use keygate_core::{
 };
 
 use crate::upgrade::AgentSide;
-use crate::{auth, Body, GatewayError, Shared};
+use crate::{auth, Body, BodyError, GatewayError, Shared};
 
 /// The destination the agent asked for (CONNECT or absolute-form authority).
 #[derive(Debug, Clone)]
@@ -97,6 +97,11 @@ impl RequestLog {
             path: String::new(),
             started,
         }
+    }
+
+    /// When the request arrived.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 
     pub(crate) fn event(
@@ -296,8 +301,15 @@ async fn send(
 ) -> Response<Body> {
     let agent_version = req.version();
     *req.version_mut() = Version::HTTP_11;
-    let result =
-        tokio::time::timeout(shared.config.response_timeout, shared.client.request(req)).await;
+    let total_deadline = shared
+        .config
+        .total_timeout
+        .map(|t| tokio::time::Instant::from_std(log.started()) + t);
+    let head_deadline = {
+        let head = tokio::time::Instant::now() + shared.config.response_timeout;
+        total_deadline.map_or(head, |t| t.min(head))
+    };
+    let result = tokio::time::timeout_at(head_deadline, shared.client.request(req)).await;
     let resp = match result {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -322,7 +334,11 @@ async fn send(
     };
     let event = log.event(agent, parts.status.as_u16(), decision, None, injected);
     emit(shared, event).await;
-    Response::from_parts(parts, body.boxed())
+    let body = match total_deadline {
+        Some(at) => crate::deadline::Deadline::new(body, at).boxed(),
+        None => body.map_err(BodyError::from).boxed(),
+    };
+    Response::from_parts(parts, body)
 }
 
 /// Injects the selected secrets into the request headers, replacing whatever

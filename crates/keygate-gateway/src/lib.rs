@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod connector;
+mod deadline;
 pub mod egress;
 pub mod error;
 mod forward;
@@ -56,8 +57,11 @@ pub use egress::EgressGuard;
 pub use error::{Fault, GatewayError};
 pub use tls::LeafCertCache;
 
+/// Error type of agent-side response bodies.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Response body type used on the agent side.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
 
 /// Tunables of the gateway. Defaults suit an agent on the same machine.
 #[derive(Debug, Clone)]
@@ -69,6 +73,9 @@ pub struct GatewayConfig {
     /// Time allowed for the upstream's response headers (LLM APIs can take
     /// minutes on long completions).
     pub response_timeout: Duration,
+    /// Whole exchange, from the request head to the last byte of the
+    /// response body; `None`: no limit (streams may run for hours).
+    pub total_timeout: Option<Duration>,
     /// TLS handshake timeout with the agent.
     pub handshake_timeout: Duration,
     /// Time allowed for an agent to send request headers.
@@ -94,6 +101,7 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(10),
+            total_timeout: None,
             header_read_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
             max_connections: 16_384,

@@ -162,7 +162,7 @@ pub(crate) async fn forward(
         parts.version = agent_version;
         let event = log.event(agent, status.as_u16(), decision, None, injected);
         emit(shared, event).await;
-        return Response::from_parts(parts, body.boxed());
+        return Response::from_parts(parts, body.map_err(crate::BodyError::from).boxed());
     }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();

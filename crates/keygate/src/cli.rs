@@ -102,6 +102,12 @@ pub struct ServeArgs {
     /// completions can take minutes).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub response_timeout: u64,
+    /// Seconds a whole request may take, from its head to the last byte of
+    /// the response (0: no limit, so streams may run as long as they
+    /// like). A response still streaming at the limit is cut off with an
+    /// error, never silently truncated.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub total_timeout: u64,
     /// Seconds an upgraded connection (WebSocket) may stay idle.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub upgrade_idle_timeout: u64,

@@ -188,6 +188,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
         handshake_timeout: Duration::from_secs(args.tls_handshake_timeout.max(1)),
         response_timeout: Duration::from_secs(args.response_timeout.max(1)),
+        total_timeout: (args.total_timeout > 0).then(|| Duration::from_secs(args.total_timeout)),
         upgrade_idle_timeout: Duration::from_secs(args.upgrade_idle_timeout.max(1)),
         ..GatewayConfig::default()
     };

@@ -799,3 +799,59 @@ async fn silent_and_slow_upstreams_answer_504() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_timeout_cuts_a_long_stream_off_with_an_error() {
+    let w = world_with(&["--total-timeout", "2"], None).await;
+    for proto in [AgentProto::Http1, AgentProto::Http2] {
+        let mut conn = w.conn("stream.test", proto).await;
+        let started = Instant::now();
+        // Ten events 500 ms apart: 5 s, more than the 2 s allowed.
+        let req = request(
+            proto,
+            "GET",
+            "stream.test",
+            "/sse?events=10&interval_ms=500",
+            empty_body(),
+        );
+        let resp = conn.send(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = String::new();
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(8), body.frame()).await {
+                Err(_) => panic!("{proto:?}: the stream outlived --total-timeout"),
+                Ok(None) => break Ok(()),
+                Ok(Some(Err(e))) => break Err(e),
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        got.push_str(&String::from_utf8_lossy(d));
+                    }
+                }
+            }
+        };
+        let took = started.elapsed();
+        // Events streamed until the limit, then the body failed: it did not
+        // end as if complete.
+        assert!(got.contains("\"n\":0"), "{proto:?}: {got:?}");
+        assert!(!got.contains("\"n\":9"), "{proto:?}: {got:?}");
+        assert!(ended.is_err(), "{proto:?}: the body ended cleanly: {got:?}");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+            "{proto:?}: cut off after {took:?}"
+        );
+    }
+    // Short requests are unaffected.
+    let mut conn = w.conn("stream.test", AgentProto::Http1).await;
+    let resp = conn
+        .send(request(
+            AgentProto::Http1,
+            "GET",
+            "stream.test",
+            "/json",
+            empty_body(),
+        ))
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+}
