@@ -8,6 +8,7 @@ bench/README.md. Needs: oha, nginx, openssl, curl (and mitmdump with
 """
 
 import argparse
+import resource
 import base64
 import json
 import os
@@ -340,7 +341,9 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     up0 = world.upstream_cpu()
     cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
     t0 = time.time()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 30) * 4 + 60)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.time() - t0
     cpu1, threads1 = cpu_seconds(pid), thread_cpu(pid)
     up1 = world.upstream_cpu()
@@ -370,6 +373,9 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     if total:
         # Calibration: what the (C, event-driven) upstream spends per request.
         res["upstream_cpu_us_per_req"] = (up1 - up0) * 1e6 / total
+        # ... and the load generator (oha, a child of this script).
+        client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        res["client_cpu_us_per_req"] = client * 1e6 / total
     if px and total:
         res[f"{px.key}_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
     if via == "keygate" and total:
@@ -508,6 +514,25 @@ def peer_table(results, proxies):
                   f"{info['peak_rss_mib']:.1f} MiB, after {info['rss_after_mib']:.1f} MiB.")
     md.append("")
     return md
+
+
+def cpu_bound_lines(results):
+    """For the saturated keep-alive c=32 rows: with every core busy, the
+    ratio a proxy can reach is about (client + upstream) / (client +
+    upstream + proxy) CPU per request; shown next to the measured ratio."""
+    lines = []
+    for r in results["scenarios"]:
+        if "skipped" in r or "c=32" not in r["scenario"] or "half" in r["scenario"]:
+            continue
+        d, k = r["direct"], r["keygate"]
+        c, n, kg = d.get("client_cpu_us_per_req"), d.get("upstream_cpu_us_per_req"), k.get("kg_cpu_us_per_req")
+        if not (c and n and kg):
+            continue
+        est = (c + n) / (c + n + kg)
+        lines.append(f"{r['scenario']}: client {fmt(c)} + nginx {fmt(n)} µs/req direct; keygate "
+                     f"{fmt(kg)} µs/req → CPU-bound ratio ≈ {est:.2f} × (measured {r['ratio']:.2f} ×); "
+                     f"0.6 × would need keygate ≤ {fmt((c + n) * (1 / 0.6 - 1))} µs/req.")
+    return lines
 
 
 def main():
@@ -656,6 +681,9 @@ def main():
             f"({fmt(k.get('kg_audit_cpu_us_per_req'))}) | {fmt(d.get('upstream_cpu_us_per_req'))} "
             f"| {d['errors'] + d['non_2xx']} / {k['errors'] + k['non_2xx']} |")
     md.append("")
+    bound = cpu_bound_lines(results)
+    if bound:
+        md += bound + [""]
     if "sse_ttfb" in results:
         s = results["sse_ttfb"]
         md.append(f"SSE time to first event (after TLS, {s['direct']['requests']} samples): "
