@@ -415,6 +415,28 @@ async fn flow(c: &Client, up: &Upstream, kg: &Keygate, step: &mut &'static str) 
         .map_err(err("goto"))?;
     text_of(c, "tr.d-injected").await?;
 
+    *step = "10b-rotate-master-key";
+    c.goto(&format!("{admin}/")).await.map_err(err("goto"))?;
+    let before = text_of(c, "#master-key code").await?;
+    click_nav(c, "#rotate-key button[type=submit]").await?;
+    let notice = text_of(c, ".notice").await?;
+    let after = text_of(c, "#master-key code").await?;
+    if !notice.contains("Master key rotated") || after == before || !notice.contains(&after) {
+        return Err(format!(
+            "rotation: notice {notice:?}, key {before:?} -> {after:?}"
+        ));
+    }
+    // The agent's next request still gets the real key.
+    up.clear();
+    let status = call(kg, &token).await?;
+    if status != 200 || upstream_auth(up).as_deref() != Some(&format!("Bearer {SECRET}")) {
+        return Err(format!(
+            "after the key rotation: status {status}, upstream saw {:?}",
+            upstream_auth(up)
+        ));
+    }
+    shot(c, "desktop-key-rotated").await;
+
     *step = "11-revoke";
     c.goto(&format!("{admin}/agents/browser-bot"))
         .await

@@ -272,6 +272,7 @@ fn table() -> RouteTable {
     .add(A, "/key/rotate", &["POST"], post(api::rotate_master_key));
 
     t.add(S, "/", &["GET"], get(pages::overview))
+        .add(S, "/key/rotate", &["POST"], post(pages::rotate_master_key))
         .add(S, "/logout", &["POST"], post(auth::logout))
         .add(
             S,

@@ -84,6 +84,10 @@ impl Done {
                 format!("Agent {name} disabled: its token is refused from the next request.")
             }
             "enabled" => format!("Agent {name} enabled."),
+            "key_rotated" => format!(
+                "Master key rotated: every secret's data key is now wrapped by key {name}; \
+                 requests keep their credentials."
+            ),
             _ => return None,
         })
     }
@@ -102,6 +106,7 @@ fn admin_base(headers: &HeaderMap) -> String {
 pub async fn overview(
     State(state): State<AdminState>,
     Extension(s): Extension<SessionCtx>,
+    Query(done): Query<Done>,
     headers: HeaderMap,
 ) -> Response {
     let now = now_ms();
@@ -131,7 +136,9 @@ pub async fn overview(
         .clone()
         .unwrap_or_else(|| "127.0.0.1:10255".into());
     let admin = admin_base(&headers);
+    let key_id = state.store.vault().key_id();
     let body = html! {
+        (notice(done.text().as_deref()))
         section.cards aria-label="Totals" {
             a.stat href="/secrets" { span.num { (secrets.len()) } span { "secrets" } }
             a.stat href="/agents" { span.num { (agents.len()) } span { "agents" } }
@@ -172,8 +179,30 @@ pub async fn overview(
             }
             (snippets(&proxy, &admin, "$KEYGATE_AGENT_TOKEN"))
         }
+        section id="master-key" {
+            h2 { "Master key" }
+            p {
+                "Secrets are sealed under data keys wrapped by master key " code { (key_id) } ". "
+                "Rotating makes a new master key, re-wraps every data key in one transaction and "
+                "replaces the key file; traffic keeps flowing. A key given in "
+                code { "KEYGATE_MASTER_KEY" } " cannot be rotated here (use a key file)."
+            }
+            form id="rotate-key" method="post" action="/key/rotate" {
+                (csrf_input(&s.csrf))
+                button type="submit" { "Rotate master key" }
+            }
+        }
     };
     page("Overview", Nav::Overview, &s.csrf, body).into_response()
+}
+
+pub async fn rotate_master_key(State(state): State<AdminState>) -> Response {
+    match state.store.rotate_master_key().await {
+        Ok(r) => {
+            Redirect::to(&format!("/?done=key_rotated&name={}", enc(&r.key_id))).into_response()
+        }
+        Err(e) => op_error(e),
+    }
 }
 
 fn snippets(proxy: &str, admin: &str, token: &str) -> Markup {

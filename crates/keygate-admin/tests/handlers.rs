@@ -576,3 +576,28 @@ async fn api_keeps_its_json_shapes() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, "PEM");
 }
+
+#[tokio::test]
+async fn overview_shows_the_master_key_and_rotation_needs_the_csrf_token() {
+    let app = app().await;
+    let (pair, csrf) = app.login().await;
+    let key_id = app.state.store.vault().key_id();
+    let (_, _, page) = app.send(get_req("/", Some(&pair))).await;
+    assert!(page.contains("id=\"rotate-key\""), "{page}");
+    assert!(page.contains(&key_id), "the overview names the master key");
+    // Without the form token: refused, nothing happens.
+    let (status, _, _) = app.send(form_req("/key/rotate", Some(&pair), "")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // This test's key lives only in memory: the rotation is refused with
+    // the store's reason, and the key stays.
+    let (status, _, page) = app
+        .send(form_req(
+            "/key/rotate",
+            Some(&pair),
+            &format!("csrf={csrf}"),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    assert!(page.contains("cannot be rotated"), "{page}");
+    assert_eq!(app.state.store.vault().key_id(), key_id);
+}
