@@ -270,9 +270,12 @@ FOOTER = """
   replaces the JDK's default roots: import the system roots too when the
   agent also talks to hosts keygate does not intercept.
 - **WebSocket** (Python `websockets`, Node `ws`): `websockets` (15+) reads
-  the proxy variables itself; `ws` needs `https-proxy-agent`. The rows are
-  expected failures while keygate does not forward `Upgrade: websocket`
-  (the suite probes this and expects a pass once it does).
+  the proxy variables itself; `ws` needs `https-proxy-agent`. Both use an
+  HTTP/1.1 Upgrade inside the tunnel. Clients that open WebSockets over
+  HTTP/2 (RFC 8441 extended CONNECT, as browsers do) are served too; that
+  path is covered by the Rust end-to-end suite
+  (`websocket_over_http2_extended_connect_gets_the_credential_and_pipes_bytes`),
+  since none of the clients above speaks it.
 """
 
 
