@@ -103,6 +103,52 @@ fn request(
     b.body(body).expect("request")
 }
 
+/// `GET /json` on `conn`; asserts 200 and returns the upstream's
+/// description of what it received.
+async fn get_json(conn: &mut AgentConn, proto: AgentProto, host: &str) -> serde_json::Value {
+    let resp = conn
+        .send(request(proto, "GET", host, "/json", empty_body()))
+        .await
+        .expect("GET /json");
+    assert_eq!(resp.status(), 200);
+    body_json(resp).await
+}
+
+/// Writes each message to an echoing peer and reads it back; returns the
+/// bytes sent (equal to the bytes received).
+async fn echo_each<S>(io: &mut S, msgs: &[&[u8]]) -> u64
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut piped = 0u64;
+    for msg in msgs {
+        piped += msg.len() as u64;
+        io.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(&back, msg);
+    }
+    piped
+}
+
+/// The audit record for `path`, after giving the writer time to commit.
+async fn audit_record(kg: &Keygate, path: &str) -> serde_json::Value {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let audit: Vec<serde_json::Value> = kg
+        .cli_ok(&["audit", "--json", "--limit", "100"], None)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit JSON"))
+        .collect();
+    audit
+        .iter()
+        .find(|r| r["path"] == path)
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit record for {path}: {audit:?}"))
+}
+
 async fn body_json(resp: http::Response<hyper::body::Incoming>) -> serde_json::Value {
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     serde_json::from_slice(&bytes).unwrap_or_else(|_| {
@@ -337,20 +383,11 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
     assert!(!lower.contains("placeholder"), "{head}");
     assert!(!lower.contains("proxy-authorization"), "{head}");
 
-    let mut piped = 0u64;
-    for msg in [
-        &b"hello"[..],
-        &[0x81, 0x05, b'w', b'o', b'r', b'l', b'd'][..],
-    ] {
-        piped += msg.len() as u64;
-        tls.write_all(msg).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(back, msg);
-    }
+    let piped = echo_each(
+        &mut tls,
+        &[b"hello", &[0x81, 0x05, b'w', b'o', b'r', b'l', b'd']],
+    )
+    .await;
     // Idle for longer than --upgrade-idle-timeout: keygate closes the pipe.
     let mut rest = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut rest))
@@ -359,17 +396,7 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 
-    let audit: Vec<serde_json::Value> = {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        w.kg.cli_ok(&["audit", "--json", "--limit", "100"], None)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit JSON"))
-            .collect()
-    };
-    let ws = audit
-        .iter()
-        .find(|r| r["path"] == "/ws")
-        .unwrap_or_else(|| panic!("no audit record for /ws: {audit:?}"));
+    let ws = audit_record(&w.kg, "/ws").await;
     assert_eq!(ws["status"], 101);
     assert_eq!(ws["decision"], "injected");
     // The close record carries the bytes piped each way after the
@@ -391,18 +418,7 @@ async fn injected_credentials_are_never_indexed_by_hpack_upstream() {
     // everything in the upstream's header blocks is keygate's encoding.
     let mut conn = w.conn("h2.test", AgentProto::Http1).await;
     for _ in 0..3 {
-        let resp = conn
-            .send(request(
-                AgentProto::Http1,
-                "GET",
-                "h2.test",
-                "/json",
-                empty_body(),
-            ))
-            .await
-            .expect("GET");
-        assert_eq!(resp.status(), 200);
-        let seen = body_json(resp).await;
+        let seen = get_json(&mut conn, AgentProto::Http1, "h2.test").await;
         assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
     }
     let blocks = w.h2.h2_header_blocks();
@@ -441,17 +457,7 @@ async fn websocket_over_http2_extended_connect_gets_the_credential_and_pipes_byt
     let mut conn = w.conn("stream.test", AgentProto::Http2).await;
     // An ordinary request first: the client then has keygate's SETTINGS,
     // which must allow extended CONNECT.
-    let resp = conn
-        .send(request(
-            AgentProto::Http2,
-            "GET",
-            "stream.test",
-            "/json",
-            empty_body(),
-        ))
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 200);
+    get_json(&mut conn, AgentProto::Http2, "stream.test").await;
 
     let resp = conn
         .send(extended_connect("/ws?room=2", "websocket"))
@@ -475,29 +481,9 @@ async fn websocket_over_http2_extended_connect_gets_the_credential_and_pipes_byt
     assert!(resp.headers().get("sec-websocket-accept").is_none());
     let upgraded = hyper::upgrade::on(resp).await.expect("h2 stream upgraded");
     let mut io = test_support::hyper_util::rt::TokioIo::new(upgraded);
-    let mut piped = 0u64;
-    for msg in [&b"over h2"[..], &[0x81, 0x02, b'h', b'i'][..]] {
-        piped += msg.len() as u64;
-        io.write_all(msg).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(back, msg);
-    }
+    let piped = echo_each(&mut io, &[b"over h2", &[0x81, 0x02, b'h', b'i']]).await;
     // The same HTTP/2 connection still carries ordinary requests.
-    let resp = conn
-        .send(request(
-            AgentProto::Http2,
-            "GET",
-            "stream.test",
-            "/json",
-            empty_body(),
-        ))
-        .await
-        .expect("GET after the WebSocket");
-    assert_eq!(resp.status(), 200);
+    get_json(&mut conn, AgentProto::Http2, "stream.test").await;
     // Idle past --upgrade-idle-timeout: keygate ends the stream.
     let mut rest = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut rest))
@@ -506,16 +492,7 @@ async fn websocket_over_http2_extended_connect_gets_the_credential_and_pipes_byt
         .unwrap_or(0);
     assert_eq!(n, 0);
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let audit: Vec<serde_json::Value> =
-        w.kg.cli_ok(&["audit", "--json", "--limit", "100"], None)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit JSON"))
-            .collect();
-    let ws = audit
-        .iter()
-        .find(|r| r["path"] == "/ws")
-        .unwrap_or_else(|| panic!("no audit record for /ws: {audit:?}"));
+    let ws = audit_record(&w.kg, "/ws").await;
     assert_eq!(ws["method"], "CONNECT", "{ws}");
     assert_eq!(ws["status"], 200, "{ws}");
     assert_eq!(ws["decision"], "injected", "{ws}");
@@ -528,17 +505,7 @@ async fn websocket_over_http2_extended_connect_gets_the_credential_and_pipes_byt
 async fn other_connects_inside_a_tunnel_are_refused() {
     let w = world().await;
     let mut conn = w.conn("stream.test", AgentProto::Http2).await;
-    let resp = conn
-        .send(request(
-            AgentProto::Http2,
-            "GET",
-            "stream.test",
-            "/json",
-            empty_body(),
-        ))
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 200);
+    get_json(&mut conn, AgentProto::Http2, "stream.test").await;
     // Extended CONNECT for something other than WebSocket.
     let resp = conn
         .send(extended_connect("/tunnel", "connect-udp"))
@@ -715,18 +682,7 @@ async fn silent_and_idle_agents_are_dropped() {
 
     // A keep-alive connection left idle after a request.
     let mut conn = w.conn("stream.test", AgentProto::Http1).await;
-    let resp = conn
-        .send(request(
-            AgentProto::Http1,
-            "GET",
-            "stream.test",
-            "/json",
-            empty_body(),
-        ))
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 200);
-    let _ = body_json(resp).await;
+    get_json(&mut conn, AgentProto::Http1, "stream.test").await;
     let AgentConn::Http1(sender) = &conn else {
         unreachable!()
     };
@@ -843,15 +799,5 @@ async fn total_timeout_cuts_a_long_stream_off_with_an_error() {
     }
     // Short requests are unaffected.
     let mut conn = w.conn("stream.test", AgentProto::Http1).await;
-    let resp = conn
-        .send(request(
-            AgentProto::Http1,
-            "GET",
-            "stream.test",
-            "/json",
-            empty_body(),
-        ))
-        .await
-        .expect("GET");
-    assert_eq!(resp.status(), 200);
+    get_json(&mut conn, AgentProto::Http1, "stream.test").await;
 }
