@@ -56,6 +56,9 @@ pub struct StreamUpstream {
 /// What each tapped connection received, one buffer per connection.
 type Taps = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
 
+/// HTTP/2 connections whose first bytes [`StreamUpstream`] keeps.
+const TAPPED_CONNECTIONS: usize = 64;
+
 /// Bytes kept per HTTP/2 connection by [`StreamUpstream`]'s tap.
 const TAP_LIMIT: usize = 64 * 1024;
 
@@ -92,13 +95,20 @@ impl StreamUpstream {
                     };
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
-                    if h2 {
-                        taps.lock().expect("taps").push(seen.clone());
-                    }
+                    // Bounded: a long-running upstream (the benchmark's)
+                    // keeps at most TAPPED_CONNECTIONS × TAP_LIMIT bytes.
+                    let on = h2 && {
+                        let mut taps = taps.lock().expect("taps");
+                        let room = taps.len() < TAPPED_CONNECTIONS;
+                        if room {
+                            taps.push(seen.clone());
+                        }
+                        room
+                    };
                     let tls = Tap {
                         inner: tls,
                         seen,
-                        on: h2,
+                        on,
                     };
                     let service = service_fn(|req| async move {
                         // Any route: `delay_ms=N` holds the response head back.
