@@ -134,6 +134,7 @@ class World:
         self.work = Path(work)
         self.procs = []
         self.keygate_args = []
+        self.keygate_wrap = []  # e.g. valgrind --tool=callgrind ...
         self.proxies = {}  # name -> Proxy
 
     def close(self):
@@ -245,7 +246,7 @@ http {{
                 "--admin-listen", "127.0.0.1:0", "--upstream-ca", str(self.ca),
                 "--allow-net", "127.0.0.0/8",
                 "--resolve", f"{HOST}:443=127.0.0.1:{self.nginx_port}"]
-        args += self.keygate_args
+        args = self.keygate_wrap + args + self.keygate_args
         if self.stream:
             args += ["--upstream-ca", self.stream["ca"],
                      "--resolve", f"{HOST}:8443={self.stream['tls']}"]
@@ -253,7 +254,8 @@ http {{
         p = subprocess.Popen(args, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT)
         self.procs.append(p)
         self.kg = p
-        m = wait_for(out, r"^keygate: proxy on http://(\S+) +admin API on http://(\S+)")
+        m = wait_for(out, r"^keygate: proxy on http://(\S+) +admin API on http://(\S+)",
+                     timeout=120 if self.keygate_wrap else 30)
         self.proxy, admin = m.group(1), m.group(2)
         env["KEYGATE_ADMIN_URL"] = f"http://{admin}"
         kg = str(self.bindir / "keygate")
@@ -334,7 +336,7 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     if via == "keygate" and getattr(world, "perf_dir", None):
         world.perf_dir.mkdir(parents=True, exist_ok=True)
         tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
-        perf = subprocess.Popen(["perf", "record", "-q", "-F", "2999", "-g", "-p", str(pid),
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", os.environ.get("PERF_FREQ", "2999"), "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"), "-p", str(pid),
                                  "-o", str(world.perf_dir / f"perf-{tag}.data")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
@@ -473,6 +475,128 @@ def idle_tunnels(world, n):
 # ---------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------- callgrind
+
+# Where a function's instructions are counted, by the first matching
+# fragment of its (demangled) name. Inlined code counts where it was inlined:
+# a hyper or http function inlined into keygate's forwarding counts as ours.
+GROUPS = [
+    ("keygate (our code)", ("keygate_",)),
+    ("TLS (rustls, aws-lc)", ("rustls", "aws_lc", "ecp_nistz", "sha256_block", "sha512_block",
+                              "gcm_", "aes_", "bn_", "x25519", "ChaCha", "poly1305")),
+    ("HTTP (hyper, h2, http, httparse)", ("hyper", "h2::", "http::", "httparse", "want::",
+                                          "http_body")),
+    ("SQLite audit (sqlx, sqlite3)", ("sqlite3", "sqlx", "walChecksum", "pcache", "Btree",
+                                      "btree", "Vdbe", "vdbe")),
+    ("runtime (tokio, mio, futures)", ("tokio::", "mio::", "futures", "<tokio", "<mio")),
+    ("malloc / free", ("malloc", "free", "_int_", "realloc", "memalign", "tcache",
+                       "unlink_chunk", "__rust_alloc", "__rust_dealloc", "__rdl_", "alloc::alloc")),
+    ("memcpy / memmove / memcmp", ("memcpy", "memmove", "memset", "memcmp", "strlen")),
+    ("syscall wrappers (libc)", ("epoll_wait", "writev", "recvfrom", "__libc_", "syscall",
+                                 "clock_gettime", "__GI_")),
+]
+
+
+def callgrind_group(name):
+    for group, keys in GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "other"
+
+
+def callgrind_self_cost(path):
+    """Self cost (Ir) per function from a callgrind out file: cost lines
+    under fn=, except the line after calls= (that one is the callee's
+    inclusive cost)."""
+    names = {}
+    cost = {}
+    fn = None
+    after_calls = False
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("fn="):
+                m = re.match(r"fn=\((\d+)\)(?: (.*))?", line)
+                if m:
+                    if m.group(2) is not None:
+                        names[m.group(1)] = m.group(2)
+                    fn = names.get(m.group(1), m.group(1))
+                else:
+                    fn = line[3:]
+                continue
+            m = re.match(r"c?fn=\((\d+)\) (.*)", line)
+            if m:  # cfn= defines names too
+                names[m.group(1)] = m.group(2)
+                continue
+            if line.startswith("calls="):
+                after_calls = True
+                continue
+            if fn and line[:1] in "0123456789+-*":
+                if after_calls:
+                    after_calls = False
+                    continue
+                parts = line.split()
+                if len(parts) >= 2 and parts[-1].isdigit():
+                    cost[fn] = cost.get(fn, 0) + int(parts[-1])
+    return cost
+
+
+def callgrind_profile(bindir, requests, http2, out_dir):
+    """keygate under callgrind: instructions (user space only, repeatable for
+    the same binary and inputs) per keep-alive request, by component."""
+    if not shutil.which("valgrind"):
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    work = tempfile.mkdtemp(prefix="keygate-callgrind-")
+    outfile = Path(work) / "callgrind.out"
+    world = World(bindir, work)
+    world.keygate_wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
+                          "--dump-instr=no", "--collect-atstart=yes"]
+    try:
+        world.certs()
+        world.nginx()
+        world.stream = None
+        world.keygate()
+        pid = world.kg.pid
+        # warm-up: leaf minted, upstream pool filled, audit table created
+        oha(world, "keygate", 1, 0, http2=http2, requests=50)
+        run(["callgrind_control", "--zero", str(pid)])
+        oha(world, "keygate", 1, 0, http2=http2, requests=requests)
+        run(["callgrind_control", "--dump", str(pid)])
+        world.close()
+        dumps = sorted(Path(work).glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        dump = next(p for p in reversed(dumps) if p.name != "callgrind.out") \
+            if len(dumps) > 1 else dumps[-1]
+        self_cost = callgrind_self_cost(dump)
+        shutil.copy(dump, Path(out_dir) / ("callgrind-h2.out" if http2 else "callgrind.out"))
+    finally:
+        world.close()
+    total = sum(self_cost.values())
+    groups = {}
+    for name, ir in self_cost.items():
+        g = callgrind_group(name)
+        groups[g] = groups.get(g, 0) + ir
+    top = sorted(((ir, name) for name, ir in self_cost.items()), reverse=True)
+    shutil.rmtree(work, ignore_errors=True)
+    top.sort(reverse=True)
+    return {"requests": requests, "http2": http2, "total_ir": total,
+            "ir_per_req": total / requests,
+            "groups": {g: v / requests for g, v in sorted(groups.items(), key=lambda x: -x[1])},
+            "top": [(n[:140], ir / requests) for ir, n in top[:25]]}
+
+
+def callgrind_markdown(prof):
+    proto = "HTTP/2" if prof["http2"] else "HTTP/1.1"
+    md = [f"keygate instructions per {proto} keep-alive request (callgrind, c=1, "
+          f"{prof['requests']} requests, user space only): **{fmt(prof['ir_per_req'])}**", "",
+          "| component | instructions / request | share |", "|---|---:|---:|"]
+    for g, v in prof["groups"].items():
+        md.append(f"| {g} | {fmt(v)} | {100 * v / prof['ir_per_req']:.1f} % |")
+    md += ["", "| top functions (self) | instructions / request |", "|---|---:|"]
+    for name, v in prof["top"]:
+        md.append(f"| `{name.replace('|', '/')}` | {fmt(v)} |")
+    return md + [""]
+
+
 def fmt(v, unit=""):
     if v is None:
         return "–"
@@ -553,10 +677,26 @@ def main():
                          "through-keygate run (perf-<scenario>.data)")
     ap.add_argument("--tunnels", type=int, default=2000,
                     help="idle tunnels to open and hold at the end (0: skip)")
+    ap.add_argument("--callgrind", type=int, default=0, metavar="N",
+                    help="instead of the scenarios: N keep-alive requests (c=1) through keygate "
+                         "under valgrind's callgrind, reported as instructions per request by "
+                         "component (repeatable: no timing noise)")
+    ap.add_argument("--callgrind-http2", action="store_true",
+                    help="with --callgrind: HTTP/2 inside the tunnel")
     ap.add_argument("--mitmproxy", action="store_true",
                     help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
                          "keep-alive and HTTP/2 scenarios")
     args = ap.parse_args()
+    if args.callgrind:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out)
+        tag = "callgrind-h2" if args.callgrind_http2 else "callgrind"
+        (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
+        md = callgrind_markdown(prof)
+        (out / f"{tag}.md").write_text("\n".join(md))
+        print("\n".join(md))
+        return
     secs = 1.0 if args.quick else args.seconds
     if args.quick:
         args.cold_requests = min(args.cold_requests, 50)

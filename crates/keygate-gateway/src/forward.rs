@@ -227,7 +227,16 @@ fn keeps_te_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the names (cheap comparisons)
+    // instead of a hashed removal per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -549,5 +558,22 @@ mod tests {
         let mut g = HeaderMap::new();
         g.insert(header::TE, HeaderValue::from_static("gzip"));
         assert!(!keeps_te_trailers(&g));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped_and_others_are_kept() {
+        for name in ["keep-alive", "proxy-connection", "proxy-authorization", "upgrade", "te"] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("authorization", HeaderValue::from_static("Bearer k"));
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} kept");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+        let mut plain = HeaderMap::new();
+        plain.insert("x-keep-alive-ish", HeaderValue::from_static("1"));
+        plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
     }
 }

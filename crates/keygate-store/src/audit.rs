@@ -112,7 +112,14 @@ impl AuditRecord {
         ctx.update(self.prev_hash.as_bytes());
         ctx.update(b"\n");
         ctx.update(&body);
-        hex::encode(ctx.finish().as_ref())
+        let digest = ctx.finish();
+        // Table-driven hex into a buffer (`hex::encode` collects chars one
+        // at a time); a SHA-256 digest always fills the 64 bytes.
+        let mut out = [0u8; 64];
+        if hex::encode_to_slice(digest.as_ref(), &mut out).is_err() {
+            return hex::encode(digest.as_ref());
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
