@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -391,6 +392,53 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     return res
 
 
+def median_result(runs):
+    """One result from alternating rounds: per-metric median (request and
+    error counts summed); the rounds themselves are kept."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {}
+    for k in runs[0]:
+        vals = [r[k] for r in runs if k in r]
+        out[k] = sum(vals) if k in ("requests", "ok", "errors", "non_2xx") \
+            else statistics.median(vals)
+    out["rounds"] = runs
+    return out
+
+
+def measure(world, vias, rounds, **kw):
+    """Runs direct, then each proxy in `vias`, `rounds` times over
+    (alternating, so that a drift of the machine hits all alike); returns
+    {None: direct, via: result} with per-round ratios and added p50 for each
+    via, and their medians."""
+    runs = {v: [] for v in [None, *vias]}
+    per_round = {v: [] for v in vias}
+    for _ in range(rounds):
+        d = oha(world, None, **kw)
+        runs[None].append(d)
+        for v in vias:
+            try:
+                x = oha(world, v, **kw)
+            except SystemExit as e:
+                if v == "keygate":
+                    raise
+                log(f"via {v}: skipped: {e}")
+                continue
+            runs[v].append(x)
+            per_round[v].append(vs_direct(d, x))
+    out = {None: median_result(runs[None])}
+    for v in vias:
+        if not runs[v]:
+            out[v] = {"skipped": "failed"}
+            continue
+        x = out[v] = median_result(runs[v])
+        ratios = [r for r, _ in per_round[v] if r is not None]
+        x["ratio"] = statistics.median(ratios) if ratios else None
+        x["added_p50_us"] = statistics.median(a for _, a in per_round[v])
+        x["ratio_rounds"] = ratios
+    return out
+
+
 def vs_direct(direct, proxied):
     """(req/s ratio to the direct run, added p50 µs)."""
     ratio = proxied["rps"] / direct["rps"] if direct["rps"] else None
@@ -681,6 +729,9 @@ def main():
                     help="nginx offers HTTP/1.1 only (default: h2 and HTTP/1.1)")
     ap.add_argument("--keygate-arg", action="append", default=[],
                     help="extra argument for `keygate serve` (repeatable), e.g. --keygate-arg=--workers=1")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each scenario N times, direct and proxied alternating; report "
+                         "medians and the spread of the per-round ratios")
     ap.add_argument("--only", default="", help="run scenarios whose name contains this")
     ap.add_argument("--perf", default="",
                     help="directory: record a perf profile of keygate during each "
@@ -697,6 +748,8 @@ def main():
                     help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
                          "keep-alive and HTTP/2 scenarios")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.callgrind:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -723,7 +776,7 @@ def main():
     world.perf_dir = Path(args.perf) if args.perf else None
     world.keygate_args = args.keygate_arg
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-               "seconds": secs, "scenarios": []}
+               "seconds": secs, "rounds": args.rounds, "scenarios": []}
     try:
         world.certs()
         world.nginx(http2=not args.upstream_http1)
@@ -762,27 +815,25 @@ def main():
             if args.only and args.only not in name:
                 continue
             row = {"scenario": name}
+            vias = ["keygate", *(peers if with_peers else ())]
             try:
-                row["direct"] = oha(world, None, **kw)
-                row["keygate"] = oha(world, "keygate", **kw)
+                got = measure(world, vias, args.rounds, **kw)
             except SystemExit as e:
                 log(f"{name}: skipped: {e}")
                 row["skipped"] = str(e)[:300]
                 results["scenarios"].append(row)
                 continue
-            d, k = row["direct"], row["keygate"]
-            row["ratio"], row["added_p50_us"] = vs_direct(d, k)
+            d = row["direct"] = got[None]
+            k = row["keygate"] = got["keygate"]
+            row["ratio"], row["added_p50_us"] = k.pop("ratio"), k.pop("added_p50_us")
+            row["ratio_rounds"] = k.pop("ratio_rounds")
             log(f"{name}: direct {d['rps']:.0f} req/s, keygate {k['rps']:.0f} req/s "
                 f"(x{row['ratio']:.2f}), +{row['added_p50_us']:.0f} us p50, "
                 f"{k.get('kg_cpu_us_per_req', 0):.1f} us CPU/req")
-            for via in peers if with_peers else ():
-                try:
-                    x = row[via] = oha(world, via, **kw)
-                except SystemExit as e:
-                    log(f"{name} via {via}: skipped: {e}")
-                    row[via] = {"skipped": str(e)[:300]}
+            for via in vias[1:]:
+                x = row[via] = got[via]
+                if "skipped" in x:
                     continue
-                x["ratio"], x["added_p50_us"] = vs_direct(d, x)
                 log(f"{name}: {via} {x['rps']:.0f} req/s (x{x['ratio']:.2f}), "
                     f"+{x['added_p50_us']:.0f} us p50, "
                     f"{x.get(world.proxies[via].key + '_cpu_us_per_req', 0):.1f} us CPU/req")
@@ -793,9 +844,11 @@ def main():
         if kmax:
             rate = max(1, int(kmax["keygate"]["rps"] / 2))
             row = {"scenario": f"HTTP/1.1 c=32 at {rate} req/s (half of max)"}
-            row["direct"] = oha(world, None, 32, secs, rate=rate)
-            row["keygate"] = oha(world, "keygate", 32, secs, rate=rate)
-            row["ratio"], row["added_p50_us"] = vs_direct(row["direct"], row["keygate"])
+            got = measure(world, ["keygate"], args.rounds, conc=32, seconds=secs, rate=rate)
+            row["direct"], row["keygate"] = got[None], got["keygate"]
+            row["ratio"] = row["keygate"].pop("ratio")
+            row["added_p50_us"] = row["keygate"].pop("added_p50_us")
+            row["ratio_rounds"] = row["keygate"].pop("ratio_rounds")
             results["scenarios"].append(row)
         sse = {"direct": sse_ttfb(world, False, args.sse), "keygate": sse_ttfb(world, True, args.sse)}
         if sse["direct"]:
@@ -816,7 +869,11 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = ["| scenario | direct req/s | keygate req/s | ratio | direct p50 µs | keygate p50 µs "
+    md = []
+    if args.rounds > 1:
+        md += [f"Medians of {args.rounds} alternating rounds per scenario (direct, keygate, "
+               "direct, …); the ratio's range over the rounds in brackets.", ""]
+    md += ["| scenario | direct req/s | keygate req/s | ratio | direct p50 µs | keygate p50 µs "
           "| added p50 µs | keygate p99 µs | keygate CPU µs/req (of which audit) | nginx CPU µs/req direct | errors |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["scenarios"]:
@@ -824,8 +881,11 @@ def main():
             md.append(f"| {r['scenario']} | skipped | | | | | | | | | |")
             continue
         d, k = r["direct"], r["keygate"]
+        spread = r.get("ratio_rounds") or []
+        ratio = f"{r['ratio']:.2f} ×" + (f" ({min(spread):.2f}–{max(spread):.2f})"
+                                         if len(spread) > 1 else "")
         md.append(
-            f"| {r['scenario']} | {fmt(d['rps'])} | {fmt(k['rps'])} | {r['ratio']:.2f} × "
+            f"| {r['scenario']} | {fmt(d['rps'])} | {fmt(k['rps'])} | {ratio} "
             f"| {fmt(d['p50_us'])} | {fmt(k['p50_us'])} | {fmt(r['added_p50_us'])} "
             f"| {fmt(k['p99_us'])} | {fmt(k.get('kg_cpu_us_per_req'))} "
             f"({fmt(k.get('kg_audit_cpu_us_per_req'))}) | {fmt(d.get('upstream_cpu_us_per_req'))} "
