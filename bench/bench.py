@@ -302,6 +302,21 @@ http {{
                                           conf / "mitmproxy-ca-cert.pem")
         return {"version": version}
 
+    def hudsucker(self, exe):
+        """bench/peers/hudsucker (hudsucker's interceptor plus the same
+        injection and --resolve, nothing else); the bench CA signs its leaves."""
+        w = self.work
+        port = free_port()
+        args = [str(exe), f"127.0.0.1:{port}", str(w / "ca.pem"), str(w / "ca.key"),
+                str(self.ca), f"{HOST}:443=127.0.0.1:{self.nginx_port}", HOST, SECRET]
+        out = w / "hudsucker.log"
+        p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p, "hudsucker-peer", out)
+        self.proxies["hudsucker"] = Proxy("hsk", p.pid, f"127.0.0.1:{port}", self.ca)
+        return {"version": "0.24 (bench/peers/hudsucker)"}
+
     def audit_count(self):
         out = subprocess.run([str(self.bindir / "keygate"), "audit", "--json", "--limit", "1"],
                              env=self.env, capture_output=True, text=True)
@@ -744,6 +759,10 @@ def main():
                          "component (repeatable: no timing noise)")
     ap.add_argument("--callgrind-http2", action="store_true",
                     help="with --callgrind: HTTP/2 inside the tunnel")
+    ap.add_argument("--hudsucker", default="", metavar="BIN",
+                    help="also measure a bare hudsucker interceptor (bench/peers/hudsucker, built "
+                         "with cargo build --release --manifest-path "
+                         "bench/peers/hudsucker/Cargo.toml) in the keep-alive and HTTP/2 scenarios")
     ap.add_argument("--mitmproxy", action="store_true",
                     help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
                          "keep-alive and HTTP/2 scenarios")
@@ -768,6 +787,8 @@ def main():
     for tool in ("oha", "nginx", "openssl", "curl"):
         if not shutil.which(tool):
             raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
+    if args.hudsucker and not Path(args.hudsucker).is_file():
+        raise SystemExit(f"--hudsucker {args.hudsucker}: no such file (see bench/README.md)")
     if args.mitmproxy and not shutil.which("mitmdump"):
         raise SystemExit("--mitmproxy needs mitmdump on PATH: pip install mitmproxy "
                          "(see bench/README.md)")
@@ -785,6 +806,9 @@ def main():
         peers = {}  # name -> version, RSS
         if args.mitmproxy:
             peers["mitmproxy"] = world.mitmproxy()
+        if args.hudsucker:
+            peers["hudsucker"] = world.hudsucker(args.hudsucker)
+        if peers:
             results["peers"] = peers
         time.sleep(0.3)
         pid = world.kg.pid
