@@ -302,18 +302,18 @@ http {{
                                           conf / "mitmproxy-ca-cert.pem")
         return {"version": version}
 
-    def hudsucker(self, exe):
+    def hudsucker(self, exe, wrap=()):
         """bench/peers/hudsucker (hudsucker's interceptor plus the same
         injection and --resolve, nothing else); the bench CA signs its leaves."""
         w = self.work
         port = free_port()
-        args = [str(exe), f"127.0.0.1:{port}", str(w / "ca.pem"), str(w / "ca.key"),
+        args = [*wrap, str(exe), f"127.0.0.1:{port}", str(w / "ca.pem"), str(w / "ca.key"),
                 str(self.ca), f"{HOST}:443=127.0.0.1:{self.nginx_port}", HOST, SECRET]
         out = w / "hudsucker.log"
         p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         self.procs.append(p)
-        wait_port(port, p, "hudsucker-peer", out)
+        wait_port(port, p, "hudsucker-peer", out, timeout=60 if wrap else 10)
         self.proxies["hudsucker"] = Proxy("hsk", p.pid, f"127.0.0.1:{port}", self.ca)
         return {"version": "0.24 (bench/peers/hudsucker)"}
 
@@ -614,7 +614,7 @@ def callgrind_self_cost(path):
     return cost
 
 
-def callgrind_profile(bindir, requests, http2, out_dir):
+def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
     """keygate under callgrind: instructions (user space only, repeatable for
     the same binary and inputs) per keep-alive request, by component."""
     if not shutil.which("valgrind"):
@@ -622,25 +622,31 @@ def callgrind_profile(bindir, requests, http2, out_dir):
     work = tempfile.mkdtemp(prefix="keygate-callgrind-")
     outfile = Path(work) / "callgrind.out"
     world = World(bindir, work)
-    world.keygate_wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
-                          "--dump-instr=no", "--collect-atstart=yes"]
+    wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
+            "--dump-instr=no", "--collect-atstart=yes"]
+    via = "hudsucker" if peer else "keygate"
     try:
         world.certs()
         world.nginx()
         world.stream = None
-        world.keygate()
-        pid = world.kg.pid
+        if peer:
+            world.keygate()  # oha() reads keygate's pid when no peer is named
+            world.hudsucker(peer, wrap)
+        else:
+            world.keygate_wrap = wrap
+            world.keygate()
+        pid = world.proxies[via].pid
         # warm-up: leaf minted, upstream pool filled, audit table created
-        oha(world, "keygate", 1, 0, http2=http2, requests=50)
+        oha(world, via, 1, 0, http2=http2, requests=50)
         run(["callgrind_control", "--zero", str(pid)])
-        oha(world, "keygate", 1, 0, http2=http2, requests=requests)
+        oha(world, via, 1, 0, http2=http2, requests=requests)
         run(["callgrind_control", "--dump", str(pid)])
         world.close()
         dumps = sorted(Path(work).glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
         dump = next(p for p in reversed(dumps) if p.name != "callgrind.out") \
             if len(dumps) > 1 else dumps[-1]
         self_cost = callgrind_self_cost(dump)
-        shutil.copy(dump, Path(out_dir) / ("callgrind-h2.out" if http2 else "callgrind.out"))
+        shutil.copy(dump, Path(out_dir) / f"{callgrind_tag(http2, peer)}.out")
     finally:
         world.close()
     total = sum(self_cost.values())
@@ -651,15 +657,19 @@ def callgrind_profile(bindir, requests, http2, out_dir):
     top = sorted(((ir, name) for name, ir in self_cost.items()), reverse=True)
     shutil.rmtree(work, ignore_errors=True)
     top.sort(reverse=True)
-    return {"requests": requests, "http2": http2, "total_ir": total,
+    return {"proxy": via, "requests": requests, "http2": http2, "total_ir": total,
             "ir_per_req": total / requests,
             "groups": {g: v / requests for g, v in sorted(groups.items(), key=lambda x: -x[1])},
             "top": [(n[:140], ir / requests) for ir, n in top[:25]]}
 
 
+def callgrind_tag(http2, peer):
+    return "callgrind" + ("-hudsucker" if peer else "") + ("-h2" if http2 else "")
+
+
 def callgrind_markdown(prof):
     proto = "HTTP/2" if prof["http2"] else "HTTP/1.1"
-    md = [f"keygate instructions per {proto} keep-alive request (callgrind, c=1, "
+    md = [f"{prof['proxy']} instructions per {proto} keep-alive request (callgrind, c=1, "
           f"{prof['requests']} requests, user space only): **{fmt(prof['ir_per_req'])}**", "",
           "| component | instructions / request | share |", "|---|---:|---:|"]
     for g, v in prof["groups"].items():
@@ -755,8 +765,9 @@ def main():
                     help="idle tunnels to open and hold at the end (0: skip)")
     ap.add_argument("--callgrind", type=int, default=0, metavar="N",
                     help="instead of the scenarios: N keep-alive requests (c=1) through keygate "
-                         "under valgrind's callgrind, reported as instructions per request by "
-                         "component (repeatable: no timing noise)")
+                         "(or, with --hudsucker, through that peer) under valgrind's callgrind, "
+                         "reported as instructions per request by component (repeatable: no "
+                         "timing noise)")
     ap.add_argument("--callgrind-http2", action="store_true",
                     help="with --callgrind: HTTP/2 inside the tunnel")
     ap.add_argument("--hudsucker", default="", metavar="BIN",
@@ -772,8 +783,9 @@ def main():
     if args.callgrind:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out)
-        tag = "callgrind-h2" if args.callgrind_http2 else "callgrind"
+        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out,
+                                 args.hudsucker or None)
+        tag = callgrind_tag(args.callgrind_http2, args.hudsucker)
         (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
         md = callgrind_markdown(prof)
         (out / f"{tag}.md").write_text("\n".join(md))
