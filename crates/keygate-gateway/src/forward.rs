@@ -562,7 +562,13 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_alone_is_stripped_and_others_are_kept() {
-        for name in ["keep-alive", "proxy-connection", "proxy-authorization", "upgrade", "te"] {
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "upgrade",
+            "te",
+        ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
             h.insert("authorization", HeaderValue::from_static("Bearer k"));
