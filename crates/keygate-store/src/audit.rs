@@ -52,27 +52,42 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    fn from_event(seq: i64, e: &AuditEvent, prev_hash: String) -> AuditRecord {
-        let mut r = AuditRecord {
-            seq,
+    /// The record for an event (its fields moved, not copied), not yet
+    /// linked into the chain: see [`AuditRecord::link`].
+    fn unlinked(e: AuditEvent) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
             ts_ms: e.ts_ms,
-            agent: e.agent.clone(),
-            method: e.method.clone(),
-            scheme: e.scheme.clone(),
-            host: e.host.clone(),
+            agent: e.agent,
+            method: e.method,
+            scheme: e.scheme,
+            host: e.host,
             port: i64::from(e.port),
-            path: e.path.clone(),
+            path: e.path,
             status: i64::from(e.status),
             decision: e.decision.as_str().to_string(),
-            reason: e.reason.clone(),
-            secrets: e.secrets.clone(),
+            reason: e.reason,
+            secrets: e.secrets,
             duration_us: i64::try_from(e.duration_us).unwrap_or(i64::MAX),
             bytes_up: e.bytes_up.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
             bytes_down: e.bytes_down.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
-            prev_hash,
+            prev_hash: String::new(),
             hash: String::new(),
-        };
-        r.hash = r.compute_hash();
+        }
+    }
+
+    /// Gives the record its place in the chain: sequence number, previous
+    /// hash, and its own hash over both and every field.
+    fn link(&mut self, seq: i64, prev_hash: String) {
+        self.seq = seq;
+        self.prev_hash = prev_hash;
+        self.hash = self.compute_hash();
+    }
+
+    #[cfg(test)]
+    fn from_event(seq: i64, e: &AuditEvent, prev_hash: String) -> AuditRecord {
+        let mut r = AuditRecord::unlinked(e.clone());
+        r.link(seq, prev_hash);
         r
     }
 
@@ -162,18 +177,19 @@ impl AuditWriter {
     pub async fn run(mut self) {
         let mut events = Vec::with_capacity(BATCH);
         while self.rx.recv_many(&mut events, BATCH).await > 0 {
-            self.write_batch(&events).await;
-            events.clear();
+            let records = events.drain(..).map(AuditRecord::unlinked).collect();
+            self.write_batch(records).await;
         }
     }
 
-    async fn write_batch(&mut self, events: &[AuditEvent]) {
+    async fn write_batch(&mut self, mut records: Vec<AuditRecord>) {
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.try_write(events).await {
+            match self.try_write(records).await {
                 Ok(()) => return,
-                Err(e) => {
-                    tracing::error!(error = %e, batch = events.len(), "audit write failed; retrying");
+                Err((e, back)) => {
+                    tracing::error!(error = %e, batch = back.len(), "audit write failed; retrying");
+                    records = back;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                     // Another writer may have extended the chain.
@@ -186,39 +202,49 @@ impl AuditWriter {
         }
     }
 
-    async fn try_write(&mut self, events: &[AuditEvent]) -> Result<(), StoreError> {
+    /// Links the batch after the chain's tail and writes it in one
+    /// transaction; on failure the records come back, to be linked again.
+    async fn try_write(
+        &mut self,
+        mut records: Vec<AuditRecord>,
+    ) -> Result<(), (StoreError, Vec<AuditRecord>)> {
         let mut seq = self.next_seq;
         let mut prev = self.prev_hash.clone();
-        let mut records = Vec::with_capacity(events.len());
-        for e in events {
-            let r = AuditRecord::from_event(seq, e, prev);
+        for r in &mut records {
+            r.link(seq, std::mem::take(&mut prev));
             prev = r.hash.clone();
             seq += 1;
-            records.push(r);
         }
         let head = format!("{}:{}", seq - 1, prev);
         match &self.sqlite {
             Some(sink) => sink.write(&self.store, records, head).await?,
             None => {
-                // PostgreSQL. One statement for the whole batch: through sqlx
-                // every statement is a network round trip.
-                let rows = batch_json(&records)?;
-                let mut tx = self.store.write_tx().await?;
-                sqlx::query(INSERT_BATCH_POSTGRES)
-                    .bind(rows)
-                    .execute(&mut *tx)
-                    .await?;
-                // The head lets verify notice records deleted from the end.
-                sqlx::query(UPSERT_HEAD)
-                    .bind(HEAD_KEY)
-                    .bind(head)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
+                if let Err(e) = self.write_postgres(&records, head).await {
+                    return Err((e, records));
+                }
             }
         }
         self.next_seq = seq;
         self.prev_hash = prev;
+        Ok(())
+    }
+
+    /// PostgreSQL. One statement for the whole batch: through sqlx every
+    /// statement is a network round trip.
+    async fn write_postgres(&self, records: &[AuditRecord], head: String) -> Result<(), StoreError> {
+        let rows = batch_json(records)?;
+        let mut tx = self.store.write_tx().await?;
+        sqlx::query(INSERT_BATCH_POSTGRES)
+            .bind(rows)
+            .execute(&mut *tx)
+            .await?;
+        // The head lets verify notice records deleted from the end.
+        sqlx::query(UPSERT_HEAD)
+            .bind(HEAD_KEY)
+            .bind(head)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -267,7 +293,8 @@ struct SqliteJob {
     records: Vec<AuditRecord>,
     head: String,
     slot: tokio::sync::OwnedMutexGuard<()>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    /// The outcome; on failure with the records, for a retry.
+    done: oneshot::Sender<Result<(), (StoreError, Vec<AuditRecord>)>>,
 }
 
 /// The SQLite audit writer: a thread (`keygate-audit`) with a connection of
@@ -311,7 +338,8 @@ impl SqliteSink {
             .spawn(move || {
                 let mut conn = conn;
                 while let Ok(job) = rx.recv() {
-                    let result = write_sqlite(&mut conn, &job.records, &job.head);
+                    let result = write_sqlite(&mut conn, &job.records, &job.head)
+                        .map_err(|e| (e, job.records));
                     drop(job.slot);
                     let _ = job.done.send(result);
                 }
@@ -325,7 +353,7 @@ impl SqliteSink {
         store: &Store,
         records: Vec<AuditRecord>,
         head: String,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), (StoreError, Vec<AuditRecord>)> {
         let slot = store.lock_writer().await;
         let (done, outcome) = oneshot::channel();
         let job = SqliteJob {
@@ -335,8 +363,12 @@ impl SqliteSink {
             done,
         };
         let gone = || StoreError::Corrupt("the audit writer thread stopped".into());
-        self.jobs.send(job).map_err(|_| gone())?;
-        outcome.await.map_err(|_| gone())?
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            return Err((gone(), job.records));
+        }
+        // The thread always answers unless it died mid-batch (a panic in
+        // SQLite); the batch is then lost with it.
+        outcome.await.map_err(|_| (gone(), Vec::new()))?
     }
 }
 

@@ -292,3 +292,42 @@ async fn large_audit_batches_keep_the_chain() {
         "seq 700 was event 699: status 200 + 699 % 3"
     );
 }
+
+#[tokio::test]
+async fn a_failed_audit_write_is_retried_with_the_same_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kg.db");
+    let store = Store::open(&format!("sqlite://{}", file.display()), vault())
+        .await
+        .unwrap();
+    // Every INSERT into audit fails until the trigger goes.
+    let other = rusqlite::Connection::open(&file).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit \
+             BEGIN SELECT RAISE(ABORT, 'test: audit refused'); END;",
+        )
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
+    for status in [200, 201, 202] {
+        tx.send(event("bot", status)).await.unwrap();
+    }
+    // The writer has tried (and retried) by now; nothing got in.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(store.audit_verify().await.unwrap().records, 0);
+    other.execute_batch("DROP TRIGGER refuse_audit").unwrap();
+    drop(tx);
+    // The writer ends once the batch it holds is written.
+    tokio::time::timeout(std::time::Duration::from_secs(20), writer)
+        .await
+        .expect("the writer retried and finished")
+        .unwrap();
+    let report = store.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 3);
+    let mut rows = store.audit_query(&AuditFilter::default()).await.unwrap();
+    rows.sort_by_key(|r| r.seq);
+    let got: Vec<(i64, i64)> = rows.iter().map(|r| (r.seq, r.status)).collect();
+    assert_eq!(got, vec![(1, 200), (2, 201), (3, 202)]);
+}
