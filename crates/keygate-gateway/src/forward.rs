@@ -255,26 +255,28 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Checks that the request's Host and URI authority (if any) name the
 /// destination.
 fn check_host<B>(req: &Request<B>, dest: &Destination) -> Result<(), GatewayError> {
-    let mut named = Vec::new();
-    if let Some(a) = req.uri().authority() {
-        named.push(a.as_str().to_string());
-    }
-    for v in req.headers().get_all(header::HOST) {
-        named.push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-    }
-    for n in named {
-        // A Host without a port means 443 inside TLS.
-        match parse_authority(&n, 443) {
-            Ok((h, p)) if h == dest.host && p == dest.port => {}
-            _ => {
-                return Err(GatewayError::new(
-                    ErrorCode::HostMismatch,
-                    format!(
-                        "request names host {n:?} but the tunnel goes to {}",
-                        dest.authority()
-                    ),
-                ))
-            }
+    let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+    let hosts = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| v.as_bytes());
+    for named in authority.into_iter().chain(hosts) {
+        // A Host without a port means 443 inside TLS; a Host that is not
+        // UTF-8 names no host of ours.
+        let ok = std::str::from_utf8(named)
+            .ok()
+            .and_then(|n| parse_authority(n, 443).ok())
+            .is_some_and(|(h, p)| h == dest.host && p == dest.port);
+        if !ok {
+            return Err(GatewayError::new(
+                ErrorCode::HostMismatch,
+                format!(
+                    "request names host {:?} but the tunnel goes to {}",
+                    String::from_utf8_lossy(named),
+                    dest.authority()
+                ),
+            ));
         }
     }
     Ok(())
@@ -404,8 +406,8 @@ pub(crate) async fn forward_https(
         return refuse(shared, log, name, &err).await;
     }
     let rules = agent.grants.iter().map(|s| s.as_ref());
-    let raw_path = req.uri().path().to_string();
-    let (path, selected) = match normalize_path(&raw_path) {
+    let raw_path = req.uri().path();
+    let (path, selected) = match normalize_path(raw_path) {
         Ok(p) => {
             let selected = select(rules, &dest.host, dest.port, &p);
             (p, selected)
@@ -420,7 +422,7 @@ pub(crate) async fn forward_https(
                 return refuse(shared, log, name, &err).await;
             }
             // No credential could apply: forward exactly what was sent.
-            (raw_path, Vec::new())
+            (raw_path.to_string(), Vec::new())
         }
     };
     // An Upgrade (WebSocket) takes the agent's connection over once both

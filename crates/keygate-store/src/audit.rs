@@ -231,7 +231,11 @@ impl AuditWriter {
 
     /// PostgreSQL. One statement for the whole batch: through sqlx every
     /// statement is a network round trip.
-    async fn write_postgres(&self, records: &[AuditRecord], head: String) -> Result<(), StoreError> {
+    async fn write_postgres(
+        &self,
+        records: &[AuditRecord],
+        head: String,
+    ) -> Result<(), StoreError> {
         let rows = batch_json(records)?;
         let mut tx = self.store.write_tx().await?;
         sqlx::query(INSERT_BATCH_POSTGRES)
