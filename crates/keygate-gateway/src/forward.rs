@@ -227,8 +227,11 @@ fn keeps_te_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
+/// Hop-by-hop names that `http` has no constant for.
+const HOP_BY_HOP_NONSTANDARD: [&str; 2] = ["keep-alive", "proxy-connection"];
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+    HOP_BY_HOP.contains(name) || HOP_BY_HOP_NONSTANDARD.iter().any(|n| name == n)
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -248,8 +251,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for name in HOP_BY_HOP_NONSTANDARD {
+        headers.remove(name);
+    }
 }
 
 /// Checks that the request's Host and URI authority (if any) name the
