@@ -454,6 +454,14 @@ def measure(world, vias, rounds, **kw):
     return out
 
 
+def keygate_row(row, got):
+    """Fills a scenario row from measure(): the direct and keygate results,
+    with keygate's ratio, added p50 and per-round ratios on the row."""
+    row["direct"], row["keygate"] = got[None], got["keygate"]
+    for key in ("ratio", "added_p50_us", "ratio_rounds"):
+        row[key] = row["keygate"].pop(key)
+
+
 def vs_direct(direct, proxied):
     """(req/s ratio to the direct run, added p50 µs)."""
     ratio = proxied["rps"] / direct["rps"] if direct["rps"] else None
@@ -641,7 +649,6 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
         run(["callgrind_control", "--zero", str(pid)])
         oha(world, via, 1, 0, http2=http2, requests=requests)
         run(["callgrind_control", "--dump", str(pid)])
-        world.close()
         dumps = sorted(Path(work).glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
         dump = next(p for p in reversed(dumps) if p.name != "callgrind.out") \
             if len(dumps) > 1 else dumps[-1]
@@ -649,14 +656,13 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
         shutil.copy(dump, Path(out_dir) / f"{callgrind_tag(http2, peer)}.out")
     finally:
         world.close()
+        shutil.rmtree(work, ignore_errors=True)
     total = sum(self_cost.values())
     groups = {}
     for name, ir in self_cost.items():
         g = callgrind_group(name)
         groups[g] = groups.get(g, 0) + ir
     top = sorted(((ir, name) for name, ir in self_cost.items()), reverse=True)
-    shutil.rmtree(work, ignore_errors=True)
-    top.sort(reverse=True)
     return {"proxy": via, "requests": requests, "http2": http2, "total_ir": total,
             "ir_per_req": total / requests,
             "groups": {g: v / requests for g, v in sorted(groups.items(), key=lambda x: -x[1])},
@@ -859,10 +865,8 @@ def main():
                 row["skipped"] = str(e)[:300]
                 results["scenarios"].append(row)
                 continue
-            d = row["direct"] = got[None]
-            k = row["keygate"] = got["keygate"]
-            row["ratio"], row["added_p50_us"] = k.pop("ratio"), k.pop("added_p50_us")
-            row["ratio_rounds"] = k.pop("ratio_rounds")
+            keygate_row(row, got)
+            d, k = row["direct"], row["keygate"]
             log(f"{name}: direct {d['rps']:.0f} req/s, keygate {k['rps']:.0f} req/s "
                 f"(x{row['ratio']:.2f}), +{row['added_p50_us']:.0f} us p50, "
                 f"{k.get('kg_cpu_us_per_req', 0):.1f} us CPU/req")
@@ -881,10 +885,7 @@ def main():
             rate = max(1, int(kmax["keygate"]["rps"] / 2))
             row = {"scenario": f"HTTP/1.1 c=32 at {rate} req/s (half of max)"}
             got = measure(world, ["keygate"], args.rounds, conc=32, seconds=secs, rate=rate)
-            row["direct"], row["keygate"] = got[None], got["keygate"]
-            row["ratio"] = row["keygate"].pop("ratio")
-            row["added_p50_us"] = row["keygate"].pop("added_p50_us")
-            row["ratio_rounds"] = row["keygate"].pop("ratio_rounds")
+            keygate_row(row, got)
             results["scenarios"].append(row)
         sse = {"direct": sse_ttfb(world, False, args.sse), "keygate": sse_ttfb(world, True, args.sse)}
         if sse["direct"]:
