@@ -204,28 +204,28 @@ impl AuditWriter {
 
     /// Links the batch after the chain's tail and writes it in one
     /// transaction; on failure the records come back, to be linked again.
+    /// SQLite: linking (the SHA-256 of every record) happens on the writer
+    /// thread too, so that no audit work runs on the request path's workers.
     async fn try_write(
         &mut self,
         mut records: Vec<AuditRecord>,
     ) -> Result<(), (StoreError, Vec<AuditRecord>)> {
-        let mut seq = self.next_seq;
-        let mut prev = self.prev_hash.clone();
-        for r in &mut records {
-            r.link(seq, std::mem::take(&mut prev));
-            prev = r.hash.clone();
-            seq += 1;
-        }
-        let head = format!("{}:{}", seq - 1, prev);
-        match &self.sqlite {
-            Some(sink) => sink.write(&self.store, records, head).await?,
+        let tail = ChainTail {
+            next_seq: self.next_seq,
+            prev_hash: self.prev_hash.clone(),
+        };
+        let tail = match &self.sqlite {
+            Some(sink) => sink.write(&self.store, records, tail).await?,
             None => {
+                let (tail, head) = link_batch(&mut records, tail);
                 if let Err(e) = self.write_postgres(&records, head).await {
                     return Err((e, records));
                 }
+                tail
             }
-        }
-        self.next_seq = seq;
-        self.prev_hash = prev;
+        };
+        self.next_seq = tail.next_seq;
+        self.prev_hash = tail.prev_hash;
         Ok(())
     }
 
@@ -251,6 +251,33 @@ impl AuditWriter {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Where the chain continues: the next record's sequence number and the
+/// hash it links to.
+struct ChainTail {
+    next_seq: i64,
+    prev_hash: String,
+}
+
+/// Links `records` after `tail`; returns the new tail and the chain head
+/// (`seq:hash` of the last record) stored with them.
+fn link_batch(records: &mut [AuditRecord], tail: ChainTail) -> (ChainTail, String) {
+    let ChainTail {
+        next_seq: mut seq,
+        prev_hash: mut prev,
+    } = tail;
+    for r in records.iter_mut() {
+        r.link(seq, std::mem::take(&mut prev));
+        prev = r.hash.clone();
+        seq += 1;
+    }
+    let head = format!("{}:{}", seq - 1, prev);
+    let tail = ChainTail {
+        next_seq: seq,
+        prev_hash: prev,
+    };
+    (tail, head)
 }
 
 /// A batch as one JSON array of rows in [`COLUMNS`] order; `secrets` is
@@ -294,12 +321,15 @@ impl Serialize for BatchRow<'_> {
 /// A batch for the SQLite writer thread, with this process's writer slot
 /// and where to report the outcome.
 struct SqliteJob {
+    /// Not yet linked: the thread links them after `tail`.
     records: Vec<AuditRecord>,
-    head: String,
+    tail: ChainTail,
     slot: tokio::sync::OwnedMutexGuard<()>,
-    /// The outcome; on failure with the records, for a retry.
-    done: oneshot::Sender<Result<(), (StoreError, Vec<AuditRecord>)>>,
+    /// The outcome: the new tail, or the error and the records, for a retry.
+    done: oneshot::Sender<SqliteOutcome>,
 }
+
+type SqliteOutcome = Result<ChainTail, (StoreError, Vec<AuditRecord>)>;
 
 /// The SQLite audit writer: a thread (`keygate-audit`) with a connection of
 /// its own. sqlx runs every statement as a round trip to its worker thread
@@ -342,10 +372,29 @@ impl SqliteSink {
             .spawn(move || {
                 let mut conn = conn;
                 while let Ok(job) = rx.recv() {
-                    let result = write_sqlite(&mut conn, &job.records, &job.head)
-                        .map_err(|e| (e, job.records));
-                    drop(job.slot);
-                    let _ = job.done.send(result);
+                    let SqliteJob {
+                        mut records,
+                        tail,
+                        slot,
+                        done,
+                    } = job;
+                    // A panic inside SQLite must not lose the batch: the
+                    // transaction rolls back as it unwinds and the records
+                    // go back for a retry.
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let (tail, head) = link_batch(&mut records, tail);
+                        write_sqlite(&mut conn, &records, &head).map(|()| tail)
+                    }));
+                    drop(slot);
+                    let outcome = match written {
+                        Ok(Ok(tail)) => Ok(tail),
+                        Ok(Err(e)) => Err((e, records)),
+                        Err(_) => Err((
+                            StoreError::Corrupt("the audit writer panicked".into()),
+                            records,
+                        )),
+                    };
+                    let _ = done.send(outcome);
                 }
             })
             .map_err(|e| StoreError::Corrupt(format!("cannot start the audit writer: {e}")))?;
@@ -356,13 +405,13 @@ impl SqliteSink {
         &self,
         store: &Store,
         records: Vec<AuditRecord>,
-        head: String,
-    ) -> Result<(), (StoreError, Vec<AuditRecord>)> {
+        tail: ChainTail,
+    ) -> SqliteOutcome {
         let slot = store.lock_writer().await;
         let (done, outcome) = oneshot::channel();
         let job = SqliteJob {
             records,
-            head,
+            tail,
             slot,
             done,
         };
@@ -370,8 +419,8 @@ impl SqliteSink {
         if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
             return Err((gone(), job.records));
         }
-        // The thread always answers unless it died mid-batch (a panic in
-        // SQLite); the batch is then lost with it.
+        // The thread answers every job (a panic included) unless it was
+        // killed from outside; then the batch is gone with it.
         outcome.await.map_err(|_| (gone(), Vec::new()))?
     }
 }
@@ -411,6 +460,70 @@ fn write_sqlite(
             .execute(rusqlite::params![HEAD_KEY, head])?;
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// The column definition migration 0001 gave `audit.seq` (portable, but in
+/// SQLite not an alias of the rowid).
+const SEQ_BIGINT: &str = "seq BIGINT PRIMARY KEY";
+/// In SQLite an `INTEGER PRIMARY KEY` column is the rowid itself.
+const SEQ_ROWID: &str = "seq INTEGER PRIMARY KEY";
+
+/// SQLite only, once per database: rebuilds `audit` with `seq` as the rowid.
+/// A `BIGINT PRIMARY KEY` makes SQLite keep a separate unique index beside
+/// the table (`sqlite_autoindex_audit_1`): one more B-tree insert for every
+/// record the gateway writes. PostgreSQL keeps the portable definition (its
+/// `INTEGER` is 32-bit), so this is not a shared migration. The copy runs
+/// in one transaction (SQLite's documented table rebuild): an interrupted
+/// rebuild leaves the old table as it was. The table and index definitions
+/// are taken from the database itself, so columns and indexes added by
+/// later migrations carry over.
+pub(crate) async fn sqlite_seq_as_rowid(pool: &sqlx::AnyPool) -> Result<(), StoreError> {
+    const TABLE_SQL: &str = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit'";
+    let (table_sql,): (String,) = sqlx::query_as(TABLE_SQL).fetch_one(pool).await?;
+    if !table_sql.contains(SEQ_BIGINT) {
+        return Ok(()); // rebuilt already: no write lock taken
+    }
+    let mut tx = crate::begin_write(pool, Backend::Sqlite).await?;
+    // Again under the write lock: another process may have rebuilt it.
+    let (table_sql,): (String,) = sqlx::query_as(TABLE_SQL).fetch_one(&mut *tx).await?;
+    if !table_sql.contains(SEQ_BIGINT) {
+        return Ok(());
+    }
+    // `CREATE TABLE audit (…)`, or `"audit"` once SQLite has renamed it.
+    let Some(rest) = table_sql.find('(').map(|at| &table_sql[at..]) else {
+        return Err(StoreError::Corrupt(format!(
+            "unexpected definition of the audit table: {table_sql}"
+        )));
+    };
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit")
+        .fetch_one(&mut *tx)
+        .await?;
+    tracing::info!(
+        records = count,
+        "rebuilding the SQLite audit table with seq as its rowid (once)"
+    );
+    let indexes: Vec<(String,)> = sqlx::query_as(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit' AND sql IS NOT NULL",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let create = format!(
+        "CREATE TABLE audit_rebuilt {}",
+        rest.replacen(SEQ_BIGINT, SEQ_ROWID, 1)
+    );
+    sqlx::query(&create).execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO audit_rebuilt SELECT * FROM audit ORDER BY seq")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DROP TABLE audit").execute(&mut *tx).await?;
+    sqlx::query("ALTER TABLE audit_rebuilt RENAME TO audit")
+        .execute(&mut *tx)
+        .await?;
+    for (index_sql,) in &indexes {
+        sqlx::query(index_sql).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 

@@ -114,6 +114,9 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
+        if backend == Backend::Sqlite {
+            audit::sqlite_seq_as_rowid(&pool).await?;
+        }
         // Before the token-hash key is read: it may be wrapped by a key that
         // only an interrupted rotation's `<key file>.next` holds.
         keys::settle_pending_key(&pool, backend, &vault).await?;

@@ -331,3 +331,103 @@ async fn a_failed_audit_write_is_retried_with_the_same_records() {
     let got: Vec<(i64, i64)> = rows.iter().map(|r| (r.seq, r.status)).collect();
     assert_eq!(got, vec![(1, 200), (2, 201), (3, 202)]);
 }
+
+/// The audit table's definition and its index names, read with rusqlite.
+fn audit_schema(conn: &rusqlite::Connection) -> (String, Vec<(String, Option<String>)>) {
+    let table: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit' ORDER BY name")
+        .unwrap();
+    let indexes = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    (table, indexes)
+}
+
+async fn write_events(store: &Store, statuses: &[u16]) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
+    for &status in statuses {
+        tx.send(event("bot", status)).await.unwrap();
+    }
+    drop(tx);
+    writer.await.unwrap();
+}
+
+/// On SQLite `audit.seq` is the table's rowid, so a record is one B-tree
+/// insert fewer (no `sqlite_autoindex_audit_1`). A database written before
+/// that (seq as `BIGINT PRIMARY KEY`, as migration 0001 defines it) is
+/// rebuilt when opened, with its records, chain and indexes intact.
+#[tokio::test]
+async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kg.db");
+    let url = format!("sqlite://{}", file.display());
+    let vault = vault();
+    let store = Store::open(&url, vault.clone()).await.unwrap();
+    write_events(&store, &[200, 201, 202]).await;
+    store.close().await;
+
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let (table, indexes) = audit_schema(&conn);
+    assert!(table.contains("seq INTEGER PRIMARY KEY"), "{table}");
+    let names: Vec<&str> = indexes.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "audit_agent_seq",
+            "audit_decision_seq",
+            "audit_host_seq",
+            "audit_ts_decision"
+        ]
+    );
+
+    // Back to the table as older keygate versions left it.
+    let mut old = format!(
+        "BEGIN; CREATE TABLE audit_old {}; INSERT INTO audit_old SELECT * FROM audit; \
+         DROP TABLE audit; ALTER TABLE audit_old RENAME TO audit;",
+        table[table.find('(').unwrap()..]
+            .replace("seq INTEGER PRIMARY KEY", "seq BIGINT PRIMARY KEY")
+    );
+    for (_, sql) in &indexes {
+        old.push_str(sql.as_deref().unwrap());
+        old.push(';');
+    }
+    old.push_str("COMMIT;");
+    conn.execute_batch(&old).unwrap();
+    let (table, old_indexes) = audit_schema(&conn);
+    assert!(table.contains("seq BIGINT PRIMARY KEY"), "{table}");
+    assert!(
+        old_indexes
+            .iter()
+            .any(|(n, _)| n == "sqlite_autoindex_audit_1"),
+        "{old_indexes:?}"
+    );
+    drop(conn);
+
+    let store = Store::open(&url, vault).await.unwrap();
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let (table, rebuilt) = audit_schema(&conn);
+    assert!(table.contains("seq INTEGER PRIMARY KEY"), "{table}");
+    assert_eq!(rebuilt, indexes, "the same indexes, and no autoindex");
+    let report = store.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 3);
+    // The chain continues after the copied records.
+    write_events(&store, &[203]).await;
+    let report = store.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 4);
+    let mut rows = store.audit_query(&AuditFilter::default()).await.unwrap();
+    rows.sort_by_key(|r| r.seq);
+    let got: Vec<(i64, i64)> = rows.iter().map(|r| (r.seq, r.status)).collect();
+    assert_eq!(got, vec![(1, 200), (2, 201), (3, 202), (4, 203)]);
+}
