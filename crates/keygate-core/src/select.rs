@@ -3,7 +3,6 @@
 //! suffix over shorter, then exact path over prefix over any, longer prefix
 //! over shorter).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::{HostPattern, PathPattern, SecretEntry};
@@ -57,25 +56,30 @@ pub fn select<'a, T: Rule + ?Sized + 'a>(
     port: u16,
     path: &str,
 ) -> Vec<&'a T> {
-    let mut best: BTreeMap<String, (Rank, &'a T)> = BTreeMap::new();
+    // Usually one or two candidates: a short list, no map, no key copies.
+    let mut best: Vec<(Rank, &'a T)> = Vec::new();
     for rule in rules {
         if !rule.host().matches(host, port) || !rule.path().matches(path) {
             continue;
         }
         let r = rank(rule);
-        let key = rule.header().to_ascii_lowercase();
-        match best.get_mut(&key) {
+        match best
+            .iter_mut()
+            .find(|(_, b)| b.header().eq_ignore_ascii_case(rule.header()))
+        {
             Some(slot) => {
                 if r > slot.0 {
                     *slot = (r, rule);
                 }
             }
-            None => {
-                best.insert(key, (r, rule));
-            }
+            None => best.push((r, rule)),
         }
     }
-    best.into_values().map(|(_, rule)| rule).collect()
+    best.sort_by(|(_, a), (_, b)| {
+        let lower = |s: &'a str| s.bytes().map(|c| c.to_ascii_lowercase());
+        lower(a.header()).cmp(lower(b.header()))
+    });
+    best.into_iter().map(|(_, rule)| rule).collect()
 }
 
 /// True when any rule's host pattern matches `host` (and `port`, unless

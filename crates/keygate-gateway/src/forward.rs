@@ -37,6 +37,27 @@ impl Destination {
         }
     }
 
+    /// `https://authority/path?query`, built in one buffer (the URI takes
+    /// it over without a copy).
+    pub(crate) fn https_uri(&self, path: &str, query: Option<&str>) -> String {
+        use std::fmt::Write;
+        let mut uri = String::with_capacity(
+            8 + self.host.len() + 8 + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        uri.push_str("https://");
+        if self.host.contains(':') {
+            let _ = write!(uri, "[{}]:{}", self.host, self.port);
+        } else {
+            let _ = write!(uri, "{}:{}", self.host, self.port);
+        }
+        uri.push_str(path);
+        if let Some(q) = query {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        uri
+    }
+
     pub(crate) fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -444,11 +465,7 @@ pub(crate) async fn forward_https(
         upgrade_wanted(&req).map(|p| (AgentSide::Http1Upgrade, p, hyper::upgrade::on(&mut req)))
     };
     let (mut parts, body) = req.into_parts();
-    let target = match parts.uri.query() {
-        Some(q) => format!("https://{}{}?{}", dest.authority(), path, q),
-        None => format!("https://{}{}", dest.authority(), path),
-    };
-    parts.uri = match target.parse::<Uri>() {
+    parts.uri = match Uri::try_from(dest.https_uri(&path, parts.uri.query())) {
         Ok(u) => u,
         Err(_) => {
             let err = GatewayError::new(ErrorCode::BadRequest, "invalid request target");
@@ -530,6 +547,24 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn upstream_uri_names_the_checked_destination() {
+        let v4 = Destination {
+            host: "api.test".into(),
+            port: 8443,
+        };
+        let uri = Uri::try_from(v4.https_uri("/v1/x", Some("a=1&b"))).unwrap();
+        assert_eq!(uri.to_string(), "https://api.test:8443/v1/x?a=1&b");
+        let v6 = Destination {
+            host: "::1".into(),
+            port: 443,
+        };
+        let uri = Uri::try_from(v6.https_uri("/", None)).unwrap();
+        assert_eq!(uri.host(), Some("[::1]"));
+        assert_eq!(uri.port_u16(), Some(443));
+        assert_eq!(uri.path_and_query().unwrap().as_str(), "/");
     }
 
     #[test]
