@@ -17,9 +17,9 @@
 //!   idle timeout.
 //!
 //! Bodies are never buffered: request and response frames stream through
-//! as they arrive (SSE, large uploads and downloads). Audit events pass a
-//! small batching stage before the store's writer. On shutdown every
-//! connection finishes its in-flight requests and closes.
+//! as they arrive (SSE, large uploads and downloads). Audit events go
+//! straight to the store's writer, which gathers them in bursts. On
+//! shutdown every connection finishes its in-flight requests and closes.
 //!
 //! The gateway never touches the database: it reads an
 //! `ArcSwap<Snapshot>` and sends [`AuditEvent`]s down a channel.
@@ -112,51 +112,6 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Most audit events handed to the store's writer in one burst.
-const AUDIT_BURST: usize = 256;
-/// How long the first event of a burst waits for company. 20 ms rather
-/// than 5 ms halved the SQLite audit CPU per request at c=1 (16 → 9 µs,
-/// bench/README.md); a record is still in the log well within a second.
-const AUDIT_LINGER: Duration = Duration::from_millis(20);
-
-/// Puts a batching stage in front of the store's audit writer: events are
-/// handed over in bursts (at most [`AUDIT_LINGER`] late) so that the writer
-/// commits one transaction per burst rather than one per request at low
-/// and moderate rates. Outside a runtime, events go straight through.
-fn audit_batcher(store: mpsc::Sender<AuditEvent>) -> mpsc::Sender<AuditEvent> {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return store;
-    };
-    let (tx, rx) = mpsc::channel(store.max_capacity());
-    runtime.spawn(forward_audit_bursts(rx, store));
-    tx
-}
-
-async fn forward_audit_bursts(mut rx: mpsc::Receiver<AuditEvent>, store: mpsc::Sender<AuditEvent>) {
-    let mut burst = Vec::with_capacity(AUDIT_BURST);
-    // Ends (after handing over what it holds) when every gateway sender is
-    // gone, which in turn lets the store's writer finish.
-    while rx.recv_many(&mut burst, AUDIT_BURST).await > 0 {
-        // Sleep rather than receive while lingering: senders then never wake
-        // this task, only the first event of a burst does.
-        if burst.len() < AUDIT_BURST {
-            tokio::time::sleep(AUDIT_LINGER).await;
-            while burst.len() < AUDIT_BURST {
-                match rx.try_recv() {
-                    Ok(event) => burst.push(event),
-                    Err(_) => break,
-                }
-            }
-        }
-        for event in burst.drain(..) {
-            if store.send(event).await.is_err() {
-                tracing::error!("audit writer gone: records lost");
-                return;
-            }
-        }
-    }
-}
-
 /// Everything the request path reads, shared by all connections.
 pub(crate) struct Shared {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -203,7 +158,6 @@ impl Gateway {
             .pool_max_idle_per_host(64)
             .build(connector.clone());
         let (closing, _) = watch::channel(false);
-        let audit = audit_batcher(audit);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 snapshot,
