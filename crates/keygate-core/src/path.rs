@@ -49,6 +49,47 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 ///   digits, or it contains a space, a non-ASCII byte, `#` or `?`;
 /// - dot-segments are resolved per RFC 3986 §5.2.4; empty segments are kept.
 pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if is_already_normal(raw) {
+        return Ok(raw.to_string());
+    }
+    normalize_path_full(raw)
+}
+
+/// The common case, decided in one pass: a path that starts with `/`, has
+/// only visible ASCII other than `%`, `\`, `#`, `?` and `;`, and no `.` or
+/// `..` segment. Every step of [`normalize_path_full`] leaves such a path
+/// as it is (no escape to decode or refuse, no parameter, no dot-segment);
+/// a property test holds the two to the same answer.
+fn is_already_normal(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    // Bytes since the last '/', and whether all of them were dots.
+    let mut seg_len = 0usize;
+    let mut seg_dots = true;
+    for &b in &bytes[1..] {
+        match b {
+            b'/' => {
+                if seg_dots && (seg_len == 1 || seg_len == 2) {
+                    return false;
+                }
+                seg_len = 0;
+                seg_dots = true;
+                continue;
+            }
+            b'%' | b'\\' | b'#' | b'?' | b';' => return false,
+            0x21..=0x7e => {}
+            _ => return false,
+        }
+        seg_len += 1;
+        seg_dots &= b == b'.';
+    }
+    !(seg_dots && (seg_len == 1 || seg_len == 2))
+}
+
+/// [`normalize_path`] for any input.
+fn normalize_path_full(raw: &str) -> Result<String, PathError> {
     let bytes = raw.as_bytes();
     match bytes.first() {
         None => return Err(PathError::Invalid("path is empty")),
@@ -589,6 +630,29 @@ mod tests {
                 if pat.matches(&n) {
                     prop_assert!(n == "/v1" || n.starts_with("/v1/"), "{} -> {}", p, n);
                 }
+            }
+        }
+
+        #[test]
+        fn fast_path_agrees_with_full_normalisation(
+            segs in prop::collection::vec(
+                prop_oneof![
+                    Just(""), Just("."), Just(".."), Just("..."), Just("..;"),
+                    Just(".;x"), Just("a;b"), Just("%2e"), Just("%2E%2e"),
+                    Just("%252e"), Just("%41"), Just("a.b"), Just("~:@!$&'()*+,="),
+                    Just("a b"), Just("a#"), Just("a?"), Just("\\"), Just("\u{7f}"),
+                    Just("\u{e9}"), Just("v1"),
+                ],
+                0..6,
+            ),
+            q in "/[ -~]{0,30}",
+        ) {
+            let p = format!("/{}", segs.join("/"));
+            for raw in [&p, &q] {
+                if is_already_normal(raw) {
+                    prop_assert_eq!(normalize_path_full(raw), Ok(raw.to_string()));
+                }
+                prop_assert_eq!(normalize_path(raw), normalize_path_full(raw));
             }
         }
 
