@@ -135,10 +135,13 @@ impl AuditRecord {
         // Table-driven hex into a buffer (`hex::encode` collects chars one
         // at a time); a SHA-256 digest always fills the 64 bytes.
         let mut out = [0u8; 64];
-        if hex::encode_to_slice(digest.as_ref(), &mut out).is_err() {
-            return hex::encode(digest.as_ref());
+        match hex::encode_to_slice(digest.as_ref(), &mut out)
+            .ok()
+            .and_then(|()| std::str::from_utf8(&out).ok())
+        {
+            Some(hex) => hex.to_owned(),
+            None => hex::encode(digest.as_ref()),
         }
-        String::from_utf8_lossy(&out).into_owned()
     }
 }
 
