@@ -631,7 +631,7 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
     outfile = Path(work) / "callgrind.out"
     world = World(bindir, work)
     wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
-            "--dump-instr=no", "--collect-atstart=yes"]
+            "--dump-instr=no", "--collect-atstart=yes", "--separate-threads=yes"]
     via = "hudsucker" if peer else "keygate"
     try:
         world.certs()
@@ -649,11 +649,19 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
         run(["callgrind_control", "--zero", str(pid)])
         oha(world, via, 1, 0, http2=http2, requests=requests)
         run(["callgrind_control", "--dump", str(pid)])
-        dumps = sorted(Path(work).glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
-        dump = next(p for p in reversed(dumps) if p.name != "callgrind.out") \
-            if len(dumps) > 1 else dumps[-1]
-        self_cost = callgrind_self_cost(dump)
-        shutil.copy(dump, Path(out_dir) / f"{callgrind_tag(http2, peer)}.out")
+        # One file per thread (--separate-threads): callgrind.out.1-NN.
+        dumps = sorted(Path(work).glob("callgrind.out.1-*"))
+        if not dumps:
+            raise SystemExit(f"callgrind wrote no dump in {work}")
+        self_cost = {}
+        threads = {}  # role -> instructions
+        for i, dump in enumerate(dumps):
+            cost = callgrind_self_cost(dump)
+            role = callgrind_thread_role(cost)
+            threads[role] = threads.get(role, 0) + sum(cost.values())
+            for name, ir in cost.items():
+                self_cost[name] = self_cost.get(name, 0) + ir
+            shutil.copy(dump, Path(out_dir) / f"{callgrind_tag(http2, peer)}.out-{i + 1:02}")
     finally:
         world.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -665,8 +673,18 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
     top = sorted(((ir, name) for name, ir in self_cost.items()), reverse=True)
     return {"proxy": via, "requests": requests, "http2": http2, "total_ir": total,
             "ir_per_req": total / requests,
+            "threads": {r: v / requests for r, v in sorted(threads.items(), key=lambda x: -x[1])},
             "groups": {g: v / requests for g, v in sorted(groups.items(), key=lambda x: -x[1])},
             "top": [(n[:140], ir / requests) for ir, n in top[:25]]}
+
+
+def callgrind_thread_role(cost):
+    """What a thread of the profile is, from the functions it ran: keygate's
+    SQLite audit writer, or the request path (runtime workers, and any
+    other thread)."""
+    if any("write_sqlite" in name for name in cost):
+        return "audit writer thread (keygate-audit)"
+    return "request path (runtime workers, other threads)"
 
 
 def callgrind_tag(http2, peer):
@@ -680,6 +698,9 @@ def callgrind_markdown(prof):
           "| component | instructions / request | share |", "|---|---:|---:|"]
     for g, v in prof["groups"].items():
         md.append(f"| {g} | {fmt(v)} | {100 * v / prof['ir_per_req']:.1f} % |")
+    md += ["", "| thread | instructions / request | share |", "|---|---:|---:|"]
+    for r, v in prof["threads"].items():
+        md.append(f"| {r} | {fmt(v)} | {100 * v / prof['ir_per_req']:.1f} % |")
     md += ["", "| top functions (self) | instructions / request |", "|---|---:|"]
     for name, v in prof["top"]:
         md.append(f"| `{name.replace('|', '/')}` | {fmt(v)} |")
