@@ -495,7 +495,8 @@ const SEQ_ROWID: &str = "seq INTEGER PRIMARY KEY";
 /// record the gateway writes. PostgreSQL keeps the portable definition (its
 /// `INTEGER` is 32-bit), so this is not a shared migration. The copy runs
 /// in one transaction (SQLite's documented table rebuild): an interrupted
-/// rebuild leaves the old table as it was. The table and index definitions
+/// or failed rebuild leaves the old table as it was (and the store opens
+/// with it, see [`Store::open`]). The table and index definitions
 /// are taken from the database itself, so columns and indexes added by
 /// later migrations carry over.
 pub(crate) async fn sqlite_seq_as_rowid(pool: &sqlx::AnyPool) -> Result<(), StoreError> {

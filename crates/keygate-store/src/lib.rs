@@ -115,7 +115,11 @@ impl Store {
         }
         MIGRATOR.run(&pool).await?;
         if backend == Backend::Sqlite {
-            audit::sqlite_seq_as_rowid(&pool).await?;
+            // Best effort: the old layout works, only slower, and a failed
+            // rebuild (a full disk, say) rolls back whole.
+            if let Err(e) = audit::sqlite_seq_as_rowid(&pool).await {
+                tracing::warn!(error = %e, "the audit table keeps its old layout (rebuild failed)");
+            }
         }
         // Before the token-hash key is read: it may be wrapped by a key that
         // only an interrupted rotation's `<key file>.next` holds.

@@ -352,6 +352,31 @@ fn audit_schema(conn: &rusqlite::Connection) -> (String, Vec<(String, Option<Str
     (table, indexes)
 }
 
+/// Rebuilds `audit` with `seq BIGINT PRIMARY KEY`, as migration 0001 made it
+/// and keygate left it before the rowid rebuild (with its autoindex).
+fn to_bigint_seq(conn: &rusqlite::Connection, table: &str, indexes: &[(String, Option<String>)]) {
+    let mut old = format!(
+        "BEGIN; CREATE TABLE audit_old {}; INSERT INTO audit_old SELECT * FROM audit; \
+         DROP TABLE audit; ALTER TABLE audit_old RENAME TO audit;",
+        table[table.find('(').unwrap()..]
+            .replace("seq INTEGER PRIMARY KEY", "seq BIGINT PRIMARY KEY")
+    );
+    for (_, sql) in indexes {
+        old.push_str(sql.as_deref().unwrap());
+        old.push(';');
+    }
+    old.push_str("COMMIT;");
+    conn.execute_batch(&old).unwrap();
+    let (table, old_indexes) = audit_schema(conn);
+    assert!(table.contains("seq BIGINT PRIMARY KEY"), "{table}");
+    assert!(
+        old_indexes
+            .iter()
+            .any(|(n, _)| n == "sqlite_autoindex_audit_1"),
+        "{old_indexes:?}"
+    );
+}
+
 async fn write_events(store: &Store, statuses: &[u16]) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
@@ -391,26 +416,7 @@ async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
     );
 
     // Back to the table as older keygate versions left it.
-    let mut old = format!(
-        "BEGIN; CREATE TABLE audit_old {}; INSERT INTO audit_old SELECT * FROM audit; \
-         DROP TABLE audit; ALTER TABLE audit_old RENAME TO audit;",
-        table[table.find('(').unwrap()..]
-            .replace("seq INTEGER PRIMARY KEY", "seq BIGINT PRIMARY KEY")
-    );
-    for (_, sql) in &indexes {
-        old.push_str(sql.as_deref().unwrap());
-        old.push(';');
-    }
-    old.push_str("COMMIT;");
-    conn.execute_batch(&old).unwrap();
-    let (table, old_indexes) = audit_schema(&conn);
-    assert!(table.contains("seq BIGINT PRIMARY KEY"), "{table}");
-    assert!(
-        old_indexes
-            .iter()
-            .any(|(n, _)| n == "sqlite_autoindex_audit_1"),
-        "{old_indexes:?}"
-    );
+    to_bigint_seq(&conn, &table, &indexes);
     drop(conn);
 
     let store = Store::open(&url, vault).await.unwrap();
@@ -430,4 +436,35 @@ async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
     rows.sort_by_key(|r| r.seq);
     let got: Vec<(i64, i64)> = rows.iter().map(|r| (r.seq, r.status)).collect();
     assert_eq!(got, vec![(1, 200), (2, 201), (3, 202), (4, 203)]);
+}
+
+/// A rebuild that fails (here: its scratch table name is taken; in life a
+/// full disk) rolls back whole: the store still opens, on the old layout,
+/// with every record and a working writer.
+#[tokio::test]
+async fn a_failed_audit_rebuild_leaves_the_old_table_and_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kg.db");
+    let url = format!("sqlite://{}", file.display());
+    let vault = vault();
+    let store = Store::open(&url, vault.clone()).await.unwrap();
+    write_events(&store, &[200, 201]).await;
+    store.close().await;
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let (table, indexes) = audit_schema(&conn);
+    to_bigint_seq(&conn, &table, &indexes);
+    conn.execute_batch("CREATE TABLE audit_rebuilt (x)")
+        .unwrap();
+    drop(conn);
+
+    let store = Store::open(&url, vault)
+        .await
+        .expect("opens despite the failed rebuild");
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let (table, _) = audit_schema(&conn);
+    assert!(table.contains("seq BIGINT PRIMARY KEY"), "{table}");
+    write_events(&store, &[202]).await;
+    let report = store.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 3);
 }
