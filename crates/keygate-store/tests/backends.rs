@@ -387,19 +387,43 @@ async fn write_events(store: &Store, statuses: &[u16]) {
     writer.await.unwrap();
 }
 
+/// A SQLite store in a temporary directory, `statuses` written to its audit
+/// log, closed again.
+struct WrittenDb {
+    _dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+    url: String,
+    vault: Arc<Vault>,
+}
+
+async fn written_sqlite_db(statuses: &[u16]) -> WrittenDb {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kg.db");
+    let url = format!("sqlite://{}", file.display());
+    let vault = vault();
+    let store = Store::open(&url, vault.clone()).await.unwrap();
+    write_events(&store, statuses).await;
+    store.close().await;
+    WrittenDb {
+        _dir: dir,
+        file,
+        url,
+        vault,
+    }
+}
+
 /// On SQLite `audit.seq` is the table's rowid, so a record is one B-tree
 /// insert fewer (no `sqlite_autoindex_audit_1`). A database written before
 /// that (seq as `BIGINT PRIMARY KEY`, as migration 0001 defines it) is
 /// rebuilt when opened, with its records, chain and indexes intact.
 #[tokio::test]
 async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kg.db");
-    let url = format!("sqlite://{}", file.display());
-    let vault = vault();
-    let store = Store::open(&url, vault.clone()).await.unwrap();
-    write_events(&store, &[200, 201, 202]).await;
-    store.close().await;
+    let WrittenDb {
+        _dir,
+        file,
+        url,
+        vault,
+    } = written_sqlite_db(&[200, 201, 202]).await;
 
     let conn = rusqlite::Connection::open(&file).unwrap();
     let (table, indexes) = audit_schema(&conn);
@@ -443,13 +467,12 @@ async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
 /// with every record and a working writer.
 #[tokio::test]
 async fn a_failed_audit_rebuild_leaves_the_old_table_and_the_store_opens() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kg.db");
-    let url = format!("sqlite://{}", file.display());
-    let vault = vault();
-    let store = Store::open(&url, vault.clone()).await.unwrap();
-    write_events(&store, &[200, 201]).await;
-    store.close().await;
+    let WrittenDb {
+        _dir,
+        file,
+        url,
+        vault,
+    } = written_sqlite_db(&[200, 201]).await;
     let conn = rusqlite::Connection::open(&file).unwrap();
     let (table, indexes) = audit_schema(&conn);
     to_bigint_seq(&conn, &table, &indexes);
