@@ -40,16 +40,11 @@ impl Destination {
     /// `https://authority/path?query`, built in one buffer (the URI takes
     /// it over without a copy).
     pub(crate) fn https_uri(&self, path: &str, query: Option<&str>) -> String {
-        use std::fmt::Write;
         let mut uri = String::with_capacity(
             8 + self.host.len() + 8 + path.len() + query.map_or(0, |q| q.len() + 1),
         );
         uri.push_str("https://");
-        if self.host.contains(':') {
-            let _ = write!(uri, "[{}]:{}", self.host, self.port);
-        } else {
-            let _ = write!(uri, "{}:{}", self.host, self.port);
-        }
+        self.write_authority(&mut uri);
         uri.push_str(path);
         if let Some(q) = query {
             uri.push('?');
@@ -58,12 +53,20 @@ impl Destination {
         uri
     }
 
+    /// `host:port`, IPv6 in brackets.
     pub(crate) fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
+        let mut out = String::with_capacity(self.host.len() + 8);
+        self.write_authority(&mut out);
+        out
+    }
+
+    fn write_authority(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = if self.host.contains(':') {
+            write!(out, "[{}]:{}", self.host, self.port)
         } else {
-            format!("{}:{}", self.host, self.port)
-        }
+            write!(out, "{}:{}", self.host, self.port)
+        };
     }
 }
 
