@@ -1,5 +1,7 @@
 //! The audit event the gateway emits for every request it handles.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ErrorCode;
@@ -56,10 +58,11 @@ pub struct AuditEvent {
     pub ts_ms: i64,
     /// The agent's name, when authentication succeeded.
     pub agent: Option<String>,
-    pub method: String,
+    /// The request method; see [`method_name`].
+    pub method: Cow<'static, str>,
     /// `https` (inside a tunnel), `http` (absolute-form) or `connect` for a
     /// refused CONNECT.
-    pub scheme: String,
+    pub scheme: Cow<'static, str>,
     pub host: String,
     pub port: u16,
     /// The request path without its query string.
@@ -82,6 +85,19 @@ pub struct AuditEvent {
     /// ordinary requests.
     #[serde(default)]
     pub bytes_down: Option<u64>,
+}
+
+/// A request method as an audit field: the standard methods (RFC 9110 and
+/// PATCH) are static strings, so an event for them allocates nothing for
+/// its method; any other token is copied.
+pub fn method_name(method: &str) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|m| **m == method) {
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(method.to_owned()),
+    }
 }
 
 impl AuditEvent {
@@ -119,6 +135,23 @@ mod tests {
             Decision::Error,
         ] {
             assert_eq!(Decision::parse(d.as_str()), Some(d));
+        }
+    }
+
+    #[test]
+    fn method_names_keep_the_method_and_borrow_only_standard_ones() {
+        for m in [
+            "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+        ] {
+            let name = method_name(m);
+            assert_eq!(name, m);
+            assert!(matches!(name, Cow::Borrowed(_)), "{m}");
+        }
+        // Methods are case-sensitive tokens: `get` is not `GET`.
+        for m in ["get", "PROPFIND", "X-CUSTOM", ""] {
+            let name = method_name(m);
+            assert_eq!(name, m);
+            assert!(matches!(name, Cow::Owned(_)), "{m}");
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod select;
 pub mod snapshot;
 pub mod template;
 
-pub use audit::{AuditEvent, Decision};
+pub use audit::{method_name, AuditEvent, Decision};
 pub use error::ErrorCode;
 pub use path::{normalize_path, PathError, PathPattern};
 pub use pattern::{canonical_host, HostPattern, PatternError};

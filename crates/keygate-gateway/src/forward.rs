@@ -2,6 +2,7 @@
 //! path, select and inject credentials, send through the pooled client,
 //! and emit the audit event.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -72,7 +73,7 @@ impl Destination {
 
 /// What the audit record needs to know about a request.
 pub(crate) struct RequestLog {
-    method: String,
+    method: Cow<'static, str>,
     scheme: &'static str,
     host: String,
     port: u16,
@@ -97,7 +98,7 @@ impl RequestLog {
             path_without_query(req.uri().path()).to_string()
         };
         RequestLog {
-            method: req.method().as_str().to_string(),
+            method: keygate_core::method_name(req.method().as_str()),
             scheme,
             host: host.to_string(),
             port,
@@ -114,7 +115,7 @@ impl RequestLog {
         started: Instant,
     ) -> RequestLog {
         RequestLog {
-            method: method.to_string(),
+            method: keygate_core::method_name(method),
             scheme,
             host: host.to_string(),
             port,
@@ -140,7 +141,7 @@ impl RequestLog {
             ts_ms: keygate_core::now_ms(),
             agent,
             method: self.method,
-            scheme: self.scheme.to_string(),
+            scheme: Cow::Borrowed(self.scheme),
             host: self.host,
             port: self.port,
             path: self.path,

@@ -1,6 +1,7 @@
 //! The audit log: a batch writer fed by a bounded channel (off the hot path),
 //! a SHA-256 hash chain over every record, queries and chain verification.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use aws_lc_rs::digest;
@@ -36,13 +37,13 @@ pub struct AuditRecord {
     pub seq: i64,
     pub ts_ms: i64,
     pub agent: Option<String>,
-    pub method: String,
-    pub scheme: String,
+    pub method: Cow<'static, str>,
+    pub scheme: Cow<'static, str>,
     pub host: String,
     pub port: i64,
     pub path: String,
     pub status: i64,
-    pub decision: String,
+    pub decision: Cow<'static, str>,
     pub reason: Option<String>,
     pub secrets: Vec<String>,
     pub duration_us: i64,
@@ -69,7 +70,7 @@ impl AuditRecord {
             port: i64::from(e.port),
             path: e.path,
             status: i64::from(e.status),
-            decision: e.decision.as_str().to_string(),
+            decision: Cow::Borrowed(e.decision.as_str()),
             reason: e.reason,
             secrets: e.secrets,
             duration_us: i64::try_from(e.duration_us).unwrap_or(i64::MAX),
@@ -81,29 +82,36 @@ impl AuditRecord {
     }
 
     /// Gives the record its place in the chain: sequence number, previous
-    /// hash, and its own hash over both and every field.
-    fn link(&mut self, seq: i64, prev_hash: String) {
+    /// hash, and its own hash over both and every field. `scratch` is a buffer for the hash input, reused across a batch.
+    fn link(&mut self, seq: i64, prev_hash: String, scratch: &mut Vec<u8>) {
         self.seq = seq;
         self.prev_hash = prev_hash;
-        self.hash = self.compute_hash();
+        self.hash = self.hash_with(scratch);
     }
 
     #[cfg(test)]
     fn from_event(seq: i64, e: &AuditEvent, prev_hash: String) -> AuditRecord {
         let mut r = AuditRecord::unlinked(e.clone());
-        r.link(seq, prev_hash);
+        r.link(seq, prev_hash, &mut Vec::new());
         r
     }
 
     /// SHA-256 over the previous hash and every field, in a fixed order and
     /// an unambiguous (JSON array) encoding.
     pub fn compute_hash(&self) -> String {
+        self.hash_with(&mut Vec::new())
+    }
+
+    /// [`AuditRecord::compute_hash`], serialising into `body` (cleared
+    /// first) rather than a new buffer.
+    fn hash_with(&self, body: &mut Vec<u8>) -> String {
         // Serialised straight from the fields (a tuple is a JSON array);
         // the bytes are those of the `serde_json::json!` array this chain
         // was first defined with (a test pins them). The byte counts of an
         // upgraded connection came later: they are appended only when set,
         // so every record without them hashes as it always did.
-        let mut body = serde_json::to_vec(&(
+        body.clear();
+        let fields = (
             self.seq,
             self.ts_ms,
             &self.agent,
@@ -117,8 +125,10 @@ impl AuditRecord {
             &self.reason,
             &self.secrets,
             self.duration_us,
-        ))
-        .unwrap_or_default();
+        );
+        if serde_json::to_writer(&mut *body, &fields).is_err() {
+            body.clear();
+        }
         if self.bytes_up.is_some() || self.bytes_down.is_some() {
             // The same array with the two counts as its last elements.
             if let Ok(tail) = serde_json::to_vec(&(self.bytes_up, self.bytes_down)) {
@@ -130,7 +140,7 @@ impl AuditRecord {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(self.prev_hash.as_bytes());
         ctx.update(b"\n");
-        ctx.update(&body);
+        ctx.update(body);
         let digest = ctx.finish();
         // Table-driven hex into a buffer (`hex::encode` collects chars one
         // at a time); a SHA-256 digest always fills the 64 bytes.
@@ -287,8 +297,9 @@ fn link_batch(records: &mut [AuditRecord], tail: ChainTail) -> (ChainTail, Strin
         next_seq: mut seq,
         prev_hash: mut prev,
     } = tail;
+    let mut scratch = Vec::with_capacity(512);
     for r in records.iter_mut() {
-        r.link(seq, std::mem::take(&mut prev));
+        r.link(seq, std::mem::take(&mut prev), &mut scratch);
         prev = r.hash.clone();
         seq += 1;
     }
@@ -562,13 +573,13 @@ fn record_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord, StoreError> {
         seq: row.try_get("seq")?,
         ts_ms: row.try_get("ts_ms")?,
         agent: row.try_get("agent")?,
-        method: row.try_get("method")?,
-        scheme: row.try_get("scheme")?,
+        method: row.try_get::<String, _>("method")?.into(),
+        scheme: row.try_get::<String, _>("scheme")?.into(),
         host: row.try_get("host")?,
         port: row.try_get("port")?,
         path: row.try_get("path")?,
         status: row.try_get("status")?,
-        decision: row.try_get("decision")?,
+        decision: row.try_get::<String, _>("decision")?.into(),
         reason: row.try_get("reason")?,
         secrets: serde_json::from_str(&secrets)
             .map_err(|_| StoreError::Corrupt("audit secrets column".into()))?,

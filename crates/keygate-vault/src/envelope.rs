@@ -10,6 +10,7 @@
 //! different purpose label per layer so the two cannot be swapped.
 
 use std::fmt;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -31,16 +32,37 @@ const PURPOSE_VALUE: &[u8] = b"value";
 const PURPOSE_BLOB: &[u8] = b"blob";
 
 /// A master key with its id computed once (the id is a SHA-256; `open` looks
-/// keys up by it on every injection).
+/// keys up by it on every injection) and its AES-256-GCM key schedule
+/// expanded once: unwrapping a data key on every injection then costs one
+/// decryption, not a key expansion as well. The schedule is derived from the
+/// master key the entry holds anyway; aws-lc clears it when it is freed.
 #[derive(Clone)]
 struct KeyEntry {
     id: String,
     key: MasterKey,
+    /// `None` only if aws-lc refused the key (it takes any 32 bytes); then
+    /// each unwrap expands the key itself.
+    opener: Option<Arc<LessSafeKey>>,
 }
 
 impl KeyEntry {
     fn new(key: MasterKey) -> KeyEntry {
-        KeyEntry { id: key.id(), key }
+        let opener = UnboundKey::new(&AES_256_GCM, &key.bytes()[..])
+            .ok()
+            .map(|k| Arc::new(LessSafeKey::new(k)));
+        KeyEntry {
+            id: key.id(),
+            key,
+            opener,
+        }
+    }
+
+    /// [`aead_open`] under this master key.
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        match &self.opener {
+            Some(key) => aead_open_with(key, aad, sealed),
+            None => aead_open(&self.key.bytes()[..], aad, sealed),
+        }
     }
 }
 
@@ -54,8 +76,8 @@ struct Keyring {
 }
 
 impl Keyring {
-    fn find(&self, id: &str) -> Option<&MasterKey> {
-        self.entries().find(|e| e.id == id).map(|e| &e.key)
+    fn find(&self, id: &str) -> Option<&KeyEntry> {
+        self.entries().find(|e| e.id == id)
     }
 
     /// Current key first.
@@ -293,7 +315,7 @@ impl Vault {
         let ring = self.keys.load();
         let aad = aad(PURPOSE_BLOB, &[label.as_bytes()]);
         for entry in ring.entries() {
-            if let Ok(plain) = aead_open(&entry.key.bytes()[..], &aad, wrapped) {
+            if let Ok(plain) = entry.open(&aad, wrapped) {
                 return Ok((plain, entry.id.clone()));
             }
         }
@@ -311,8 +333,7 @@ impl Vault {
         }
         let ring = self.keys.load();
         let master = ring.find(&sealed.key_id).ok_or(VaultError::Decrypt)?;
-        let opened = aead_open(
-            &master.bytes()[..],
+        let opened = master.open(
             &aad(
                 PURPOSE_DATA_KEY,
                 &[secret_id.as_bytes(), &version.to_be_bytes()],
@@ -408,11 +429,20 @@ fn aead_seal(key: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultE
 
 /// Reverse of [`aead_seal`]. Every failure is `Decrypt`.
 fn aead_open(key: &[u8], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Decrypt)?);
+    aead_open_with(&key, aad, sealed)
+}
+
+/// [`aead_open`] with the key schedule already expanded.
+fn aead_open_with(
+    key: &LessSafeKey,
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(VaultError::Decrypt);
     }
-    let key =
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| VaultError::Decrypt)?);
     let (nonce, body) = sealed.split_at(NONCE_LEN);
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
     let mut buf = Zeroizing::new(body.to_vec());
