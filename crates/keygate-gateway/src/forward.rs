@@ -156,8 +156,25 @@ impl RequestLog {
     }
 }
 
+/// Hands an event to the audit writer. When its channel is full (the writer
+/// is behind) the request waits for room: a record is never dropped.
 pub(crate) async fn emit(shared: &Shared, event: AuditEvent) {
-    if shared.audit.send(event).await.is_err() {
+    send_event(&shared.audit, event).await
+}
+
+async fn send_event(audit: &tokio::sync::mpsc::Sender<AuditEvent>, event: AuditEvent) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let event = match audit.try_send(event) {
+        Ok(()) => return,
+        Err(TrySendError::Full(event)) => event,
+        Err(TrySendError::Closed(_)) => {
+            tracing::error!("audit channel closed: record lost");
+            return;
+        }
+    };
+    // Boxed: inline, the wait's state would size the future of every
+    // request (moved into its task or its connection's slot each time).
+    if Box::pin(audit.send(event)).await.is_err() {
         tracing::error!("audit channel closed: record lost");
     }
 }
@@ -492,9 +509,12 @@ pub(crate) async fn forward_https(
     };
     if let Some((side, protocol, on_upgrade)) = upgrade {
         let req = Request::from_parts(parts, body);
-        return crate::upgrade::forward(
+        // Boxed: inline, this rare path's state (~3.7 KiB) would size the
+        // future of every request, which is moved into its task or the
+        // connection's slot on every request.
+        return Box::pin(crate::upgrade::forward(
             shared, dest, req, side, protocol, on_upgrade, log, name, injected,
-        )
+        ))
         .await;
     }
     let req = Request::from_parts(parts, body);
@@ -544,6 +564,42 @@ pub(crate) async fn forward_plain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn audit_event(path: &str) -> AuditEvent {
+        let mut log = RequestLog::bare("GET", "https", "api.test", 443, Instant::now());
+        log.path = path.to_string();
+        log.event(None, 200, Decision::Passthrough, None, Vec::new())
+    }
+
+    #[tokio::test]
+    async fn a_full_audit_channel_makes_the_request_wait_and_loses_nothing() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        send_event(&tx, audit_event("/first")).await;
+        // The channel is full: the second event waits for room.
+        let mut second = tokio::spawn({
+            let tx = tx.clone();
+            async move { send_event(&tx, audit_event("/second")).await }
+        });
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
+        assert!(
+            waited.is_err(),
+            "the event must wait while the channel is full"
+        );
+        assert_eq!(rx.recv().await.map(|e| e.path), Some("/first".to_string()));
+        tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("room made: the waiting event is sent")
+            .unwrap();
+        assert_eq!(rx.recv().await.map(|e| e.path), Some("/second".to_string()));
+        // A closed channel (the writer gone) neither blocks nor panics.
+        drop(rx);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_event(&tx, audit_event("/third")),
+        )
+        .await
+        .expect("a closed channel returns at once");
+    }
 
     fn req(headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::get("/ws");
