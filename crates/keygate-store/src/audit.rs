@@ -82,7 +82,8 @@ impl AuditRecord {
     }
 
     /// Gives the record its place in the chain: sequence number, previous
-    /// hash, and its own hash over both and every field. `scratch` is a buffer for the hash input, reused across a batch.
+    /// hash, and its own hash over both and every field. `scratch` is a
+    /// buffer for the hash input, reused across a batch.
     fn link(&mut self, seq: i64, prev_hash: String, scratch: &mut Vec<u8>) {
         self.seq = seq;
         self.prev_hash = prev_hash;
