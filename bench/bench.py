@@ -352,9 +352,16 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     cmd.append(url)
     pid = (px or world.proxies["keygate"]).pid
     perf = None
+    strace = None
+    tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
+    if via == "keygate" and getattr(world, "strace_dir", None):
+        world.strace_dir.mkdir(parents=True, exist_ok=True)
+        strace_out = world.strace_dir / f"strace-{tag}.txt"
+        strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(strace_out)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # attached to every thread before the load starts
     if via == "keygate" and getattr(world, "perf_dir", None):
         world.perf_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
         perf = subprocess.Popen(["perf", "record", "-q", "-F", os.environ.get("PERF_FREQ", "2999"), "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"), "-p", str(pid),
                                  "-o", str(world.perf_dir / f"perf-{tag}.data")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -371,6 +378,9 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     if perf:
         perf.send_signal(signal.SIGINT)
         perf.wait(30)
+    if strace:
+        strace.send_signal(signal.SIGINT)
+        strace.wait(30)
     if out.returncode != 0:
         raise SystemExit(f"oha failed ({out.returncode}): {out.stderr}\n{' '.join(cmd)}")
     data = json.loads(out.stdout)
@@ -399,12 +409,33 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         res["client_cpu_us_per_req"] = client * 1e6 / total
     if px and total:
         res[f"{px.key}_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+    if strace and total:
+        calls = strace_calls(strace_out)
+        res["kg_syscalls_per_req"] = {k: v / total for k, v in calls.items()}
+        top = sorted(calls.items(), key=lambda kv: -kv[1])[:8]
+        print(f"bench: strace {tag}: syscalls per request: "
+              + ", ".join(f"{k} {v / total:.2f}" for k, v in top), file=sys.stderr)
     if via == "keygate" and total:
         # The audit writer (SQLite, its own thread) apart from the proxy.
         audit = sum(v - threads0.get(k, 0.0) for k, v in threads1.items() if k.startswith(("sqlx", "keygate-audit")))
         res["kg_audit_cpu_us_per_req"] = audit * 1e6 / total
         res["kg_proxy_cpu_us_per_req"] = res["kg_cpu_us_per_req"] - res["kg_audit_cpu_us_per_req"]
     return res
+
+
+def strace_calls(path):
+    """{syscall: calls} from the summary table `strace -c` writes."""
+    calls = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return calls
+    for line in lines:
+        f = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(f) >= 5 and f[3].isdigit() and f[-1] != "total":
+            calls[f[-1]] = int(f[3])
+    return calls
 
 
 def median_result(runs):
@@ -788,6 +819,11 @@ def main():
     ap.add_argument("--perf", default="",
                     help="directory: record a perf profile of keygate during each "
                          "through-keygate run (perf-<scenario>.data)")
+    ap.add_argument("--strace", default="", metavar="DIR",
+                    help="directory: count keygate's system calls (strace -c -f) during each "
+                         "through-keygate run and report them per request (strace-<scenario>.txt); "
+                         "strace slows keygate several-fold, so that run's timings are not "
+                         "keygate's")
     ap.add_argument("--tunnels", type=int, default=2000,
                     help="idle tunnels to open and hold at the end (0: skip)")
     ap.add_argument("--callgrind", type=int, default=0, metavar="N",
@@ -834,6 +870,7 @@ def main():
     work = tempfile.mkdtemp(prefix="keygate-bench-")
     world = World(args.bin, work)
     world.perf_dir = Path(args.perf) if args.perf else None
+    world.strace_dir = Path(args.strace) if args.strace else None
     world.keygate_args = args.keygate_arg
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
                "seconds": secs, "rounds": args.rounds, "scenarios": []}
