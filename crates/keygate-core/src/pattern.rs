@@ -190,6 +190,42 @@ pub fn parse_authority(authority: &str, default_port: u16) -> Result<(String, u1
     Ok((host, port))
 }
 
+/// Whether `authority` is spelled exactly as a destination is written:
+/// the canonical `host` (as [`parse_authority`] returns it; an IPv6 address
+/// in brackets) followed by `:port`, or alone when `port` is
+/// `default_port`. Such an authority names that destination (a canonical
+/// host is its own canonical form), so a caller may skip the full parse;
+/// `false` decides nothing, another spelling may still name it.
+pub fn is_canonical_authority(authority: &[u8], host: &str, port: u16, default_port: u16) -> bool {
+    let rest = if host.contains(':') {
+        authority
+            .strip_prefix(b"[")
+            .and_then(|r| r.strip_prefix(host.as_bytes()))
+            .and_then(|r| r.strip_prefix(b"]"))
+    } else {
+        authority.strip_prefix(host.as_bytes())
+    };
+    let Some(rest) = rest else {
+        return false;
+    };
+    if rest.is_empty() {
+        return port == default_port;
+    }
+    match rest.strip_prefix(b":") {
+        Some(digits) if !digits.is_empty() && digits.len() <= 5 => {
+            let mut value: u32 = 0;
+            for d in digits {
+                if !d.is_ascii_digit() {
+                    return false;
+                }
+                value = value * 10 + u32::from(d - b'0');
+            }
+            value == u32::from(port)
+        }
+        _ => false,
+    }
+}
+
 fn parse_port(p: &str) -> Result<u16, PatternError> {
     if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
         return Err(PatternError::new("port must be a number from 1 to 65535"));
@@ -680,6 +716,42 @@ mod tests {
             let _ = canonical_host(&s);
             let _ = parse_authority(&s, 443);
             let _ = HostPattern::parse(&s);
+        }
+
+        /// The fast path only ever says yes to what the full parse says
+        /// names the same destination; spellings built around the
+        /// canonical one (suffixes, case, brackets, ports with zeros,
+        /// trailing dots) and random text alike.
+        #[test]
+        fn a_canonical_authority_names_the_destination_it_spells(
+            dest in prop::sample::select(vec![
+                "api.example.com:443", "api.example.com:8443", "127.0.0.1:443",
+                "[::1]:443", "[2001:db8::1]:10255", "xn--bcher-kva.example:443", "a:1",
+            ]),
+            variant in 0usize..10,
+            extra in "[ -~]{0,6}",
+            port in 0u32..70_000,
+        ) {
+            let (host, p) = parse_authority(dest, 443).unwrap();
+            let written = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            let candidate = match variant {
+                0 => format!("{written}:{p}"),
+                1 => written.clone(),
+                2 => format!("{written}{extra}"),
+                3 => format!("{written}:{extra}"),
+                4 => format!("{written}:0{p}"),
+                5 => format!("{written}:{port}"),
+                6 => format!("{}:{p}", written.to_uppercase()),
+                7 => format!("{written}.:{p}"),
+                8 => format!("{written}:{}", u32::from(p) + 65_536),
+                _ => format!("{extra}{written}:{p}"),
+            };
+            if is_canonical_authority(candidate.as_bytes(), &host, p, 443) {
+                prop_assert_eq!(parse_authority(&candidate, 443), Ok((host.clone(), p)), "{}", candidate);
+            }
+            if variant == 0 || (variant == 1 && p == 443) {
+                prop_assert!(is_canonical_authority(candidate.as_bytes(), &host, p, 443), "{}", candidate);
+            }
         }
 
         #[test]

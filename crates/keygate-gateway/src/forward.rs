@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use keygate_core::audit::path_without_query;
-use keygate_core::pattern::parse_authority;
+use keygate_core::pattern::{is_canonical_authority, parse_authority};
 use keygate_core::select::{any_host_match, select};
 use keygate_core::{
     normalize_path, AgentEntry, AuditEvent, Decision, ErrorCode, SecretEntry, TokenHash,
@@ -308,12 +308,14 @@ fn check_host<B>(req: &Request<B>, dest: &Destination) -> Result<(), GatewayErro
         .iter()
         .map(|v| v.as_bytes());
     for named in authority.into_iter().chain(hosts) {
-        // A Host without a port means 443 inside TLS; a Host that is not
-        // UTF-8 names no host of ours.
-        let ok = std::str::from_utf8(named)
-            .ok()
-            .and_then(|n| parse_authority(n, 443).ok())
-            .is_some_and(|(h, p)| h == dest.host && p == dest.port);
+        // Clients write the authority as the CONNECT named it: then it is
+        // ours without a parse. Otherwise: a Host without a port means 443
+        // inside TLS; a Host that is not UTF-8 names no host of ours.
+        let ok = is_canonical_authority(named, &dest.host, dest.port, 443)
+            || std::str::from_utf8(named)
+                .ok()
+                .and_then(|n| parse_authority(n, 443).ok())
+                .is_some_and(|(h, p)| h == dest.host && p == dest.port);
         if !ok {
             return Err(GatewayError::new(
                 ErrorCode::HostMismatch,
