@@ -211,19 +211,10 @@ pub fn is_canonical_authority(authority: &[u8], host: &str, port: u16, default_p
     if rest.is_empty() {
         return port == default_port;
     }
-    match rest.strip_prefix(b":") {
-        Some(digits) if !digits.is_empty() && digits.len() <= 5 => {
-            let mut value: u32 = 0;
-            for d in digits {
-                if !d.is_ascii_digit() {
-                    return false;
-                }
-                value = value * 10 + u32::from(d - b'0');
-            }
-            value == u32::from(port)
-        }
-        _ => false,
-    }
+    rest.strip_prefix(b":")
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| parse_port(digits).ok())
+        == Some(port)
 }
 
 fn parse_port(p: &str) -> Result<u16, PatternError> {
