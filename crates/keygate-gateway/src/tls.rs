@@ -13,9 +13,38 @@ use rustls_pki_types::CertificateDer;
 use crate::GatewayError;
 use keygate_core::ErrorCode;
 
-/// The one crypto provider of the process (aws-lc-rs).
+/// The one crypto provider of the process (aws-lc-rs), with its cipher
+/// suites in keygate's order of preference (see [`prefer_aes_128`]).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    prefer_aes_128(&mut provider.cipher_suites);
+    Arc::new(provider)
+}
+
+/// Puts the AES-128-GCM suites before the others of the same TLS version,
+/// keeping the rest of rustls' order; the set of suites is unchanged.
+///
+/// rustls lists `TLS13_AES_256_GCM_SHA384` first, and most clients offer it
+/// first too, so both legs negotiated AES-256 with SHA-384. AES-128-GCM is
+/// as safe a choice (the first suite TLS 1.3 makes mandatory) and cheaper on
+/// every record (10 AES rounds instead of 14), and its SHA-256 key schedule
+/// runs on the CPU's SHA extensions where SHA-384 has none: on a cold
+/// request SHA-512 was ~10 % of keygate's CPU samples (bench/README.md).
+/// The upstream leg offers the suites in this order; the agent leg chooses
+/// in this order (`ignore_client_order`), as Go's crypto/tls does on
+/// hardware with AES instructions.
+fn prefer_aes_128(suites: &mut [rustls::SupportedCipherSuite]) {
+    use rustls::CipherSuite as S;
+    suites.sort_by_key(|s| {
+        let tls12 = matches!(s, rustls::SupportedCipherSuite::Tls12(_));
+        let aes_128 = matches!(
+            s.suite(),
+            S::TLS13_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        );
+        (tls12, !aes_128)
+    });
 }
 
 struct CachedLeaf {
@@ -65,6 +94,8 @@ impl LeafCertCache {
                 GatewayError::new(ErrorCode::Internal, format!("TLS server config: {e}"))
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Our order, not the agent's (see `prefer_aes_128`).
+        config.ignore_client_order = true;
         let config = Arc::new(config);
         self.cache.insert(
             host.to_string(),
@@ -103,4 +134,147 @@ pub fn upstream_client_config(
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use rustls::{CipherSuite, ClientConnection, ServerConnection};
+
+    fn ca() -> (tempfile::TempDir, Arc<CertificateAuthority>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        (dir, Arc::new(ca))
+    }
+
+    /// An agent trusting `ca`, with rustls' stock provider cut down to the
+    /// suites `keep` accepts. Unfiltered, it offers AES-256 first, as most
+    /// TLS clients do.
+    fn agent(ca: &CertificateAuthority, keep: impl Fn(CipherSuite) -> bool) -> ClientConfig {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites.retain(|s| keep(s.suite()));
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert_der()).unwrap();
+        ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    /// A complete handshake in memory; the suite both sides agreed on.
+    fn handshake(client: ClientConfig, server: Arc<ServerConfig>, host: &str) -> CipherSuite {
+        let name = ServerName::try_from(host.to_string()).unwrap();
+        let mut c = ClientConnection::new(Arc::new(client), name).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                let ours = s.negotiated_cipher_suite().unwrap().suite();
+                assert_eq!(Some(ours), c.negotiated_cipher_suite().map(|s| s.suite()));
+                return ours;
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn the_provider_keeps_every_suite_and_puts_aes_128_first_per_version() {
+        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
+        let ours = provider().cipher_suites.clone();
+        let names = |v: &[rustls::SupportedCipherSuite]| {
+            let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&stock), names(&ours), "same set of suites");
+        assert_eq!(ours[0].suite(), CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let first_tls12 = ours
+            .iter()
+            .find(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+            .map(|s| s.suite());
+        assert_eq!(
+            first_tls12,
+            Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+        );
+        // TLS 1.3 suites stay ahead of TLS 1.2 ones.
+        let last_tls13 = ours
+            .iter()
+            .rposition(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
+        let first_tls12 = ours
+            .iter()
+            .position(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)));
+        assert!(last_tls13 < first_tls12);
+    }
+
+    #[test]
+    fn the_agent_leg_chooses_aes_128_over_the_clients_first_choice() {
+        let (_dir, ca) = ca();
+        let leaves = LeafCertCache::new(ca.clone(), 4);
+        let client = agent(&ca, |_| true);
+        assert_eq!(
+            client.crypto_provider().cipher_suites[0].suite(),
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the client must prefer another suite for this test to mean anything"
+        );
+        let server = leaves.server_config("api.example.com").unwrap();
+        assert_eq!(
+            handshake(client, server, "api.example.com"),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+    }
+
+    #[test]
+    fn the_agent_leg_still_serves_a_client_without_aes_128() {
+        let (_dir, ca) = ca();
+        let leaves = LeafCertCache::new(ca.clone(), 4);
+        for only in [
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let client = agent(&ca, |s| s == only);
+            let server = leaves.server_config("api.example.com").unwrap();
+            assert_eq!(handshake(client, server, "api.example.com"), only);
+        }
+    }
+
+    #[test]
+    fn the_upstream_leg_offers_aes_128_first() {
+        let (_dir, ca) = ca();
+        // A server that follows the client's order (rustls' default, and
+        // OpenSSL's and so nginx's unless told otherwise).
+        let leaf = ca.mint_leaf("upstream.test").unwrap();
+        let server = ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain, leaf.key)
+        .unwrap();
+        assert!(!server.ignore_client_order);
+        let client = upstream_client_config(&[ca.cert_der()]).unwrap();
+        assert_eq!(
+            handshake(client, Arc::new(server), "upstream.test"),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+    }
 }
