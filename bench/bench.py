@@ -198,6 +198,9 @@ http {{
     server_name {HOST};
     ssl_certificate {w}/leaf.pem;
     ssl_certificate_key {w}/leaf.key;
+    # nginx before 1.23.4 (Debian 12 ships 1.22) leaves TLS 1.3 off unless
+    # asked; the APIs agents call all speak it.
+    ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache off;
     ssl_session_tickets off;
     location / {{
