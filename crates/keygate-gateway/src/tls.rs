@@ -14,15 +14,37 @@ use crate::GatewayError;
 use keygate_core::ErrorCode;
 
 /// The one crypto provider of the process (aws-lc-rs), with its cipher
-/// suites in keygate's order of preference (see [`prefer_aes_128`]).
+/// suites in keygate's order of preference (see [`prefer_fast_suites`]).
 pub fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    prefer_aes_128(&mut provider.cipher_suites);
+    prefer_fast_suites(&mut provider.cipher_suites, aes_hardware());
     Arc::new(provider)
 }
 
-/// Puts the AES-128-GCM suites before the others of the same TLS version,
-/// keeping the rest of rustls' order; the set of suites is unchanged.
+/// Whether this CPU has AES and carry-less multiply instructions, which
+/// AES-GCM needs to be fast; without them ChaCha20-Poly1305, designed for
+/// software, is the faster AEAD.
+fn aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Puts the cheapest suites for this CPU before the others of the same
+/// TLS version, keeping the rest of rustls' order; the set of suites is
+/// unchanged. With AES instructions that is AES-128-GCM, without them
+/// ChaCha20-Poly1305 (as Go's crypto/tls decides).
 ///
 /// rustls lists `TLS13_AES_256_GCM_SHA384` first, and most clients offer it
 /// first too, so both legs negotiated AES-256 with SHA-384. AES-128-GCM is
@@ -31,19 +53,28 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// runs on the CPU's SHA extensions where SHA-384 has none: on a cold
 /// request SHA-512 was ~10 % of keygate's CPU samples (bench/README.md).
 /// The upstream leg offers the suites in this order; the agent leg chooses
-/// in this order (`ignore_client_order`), as Go's crypto/tls does on
-/// hardware with AES instructions.
-fn prefer_aes_128(suites: &mut [rustls::SupportedCipherSuite]) {
+/// in this order (`ignore_client_order`): keygate and the agent share the
+/// host, so what is cheap for keygate is cheap for the agent.
+fn prefer_fast_suites(suites: &mut [rustls::SupportedCipherSuite], aes_hardware: bool) {
     use rustls::CipherSuite as S;
     suites.sort_by_key(|s| {
         let tls12 = matches!(s, rustls::SupportedCipherSuite::Tls12(_));
-        let aes_128 = matches!(
-            s.suite(),
-            S::TLS13_AES_128_GCM_SHA256
-                | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-                | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
-        );
-        (tls12, !aes_128)
+        let fast = if aes_hardware {
+            matches!(
+                s.suite(),
+                S::TLS13_AES_128_GCM_SHA256
+                    | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                    | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            )
+        } else {
+            matches!(
+                s.suite(),
+                S::TLS13_CHACHA20_POLY1305_SHA256
+                    | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                    | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+            )
+        };
+        (tls12, !fast)
     });
 }
 
@@ -94,7 +125,7 @@ impl LeafCertCache {
                 GatewayError::new(ErrorCode::Internal, format!("TLS server config: {e}"))
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // Our order, not the agent's (see `prefer_aes_128`).
+        // Our order, not the agent's (see `prefer_fast_suites`).
         config.ignore_client_order = true;
         let config = Arc::new(config);
         self.cache.insert(
@@ -196,15 +227,36 @@ mod tests {
         panic!("the handshake did not finish");
     }
 
+    fn names(v: &[rustls::SupportedCipherSuite]) -> Vec<String> {
+        let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn without_aes_instructions_chacha20_comes_first_per_version() {
+        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
+        let mut ours = stock.clone();
+        prefer_fast_suites(&mut ours, false);
+        assert_eq!(names(&stock), names(&ours), "same set of suites");
+        assert_eq!(ours[0].suite(), CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+        let first_tls12 = ours
+            .iter()
+            .find(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+            .map(|s| s.suite());
+        assert_eq!(
+            first_tls12,
+            Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+        );
+    }
+
     #[test]
     fn the_provider_keeps_every_suite_and_puts_aes_128_first_per_version() {
+        // The in-memory handshakes below assume a CPU with AES instructions
+        // (every x86-64 and ARMv8 server CPU this runs on).
+        assert!(aes_hardware(), "this test machine has no AES instructions");
         let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
         let ours = provider().cipher_suites.clone();
-        let names = |v: &[rustls::SupportedCipherSuite]| {
-            let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
-            n.sort();
-            n
-        };
         assert_eq!(names(&stock), names(&ours), "same set of suites");
         assert_eq!(ours[0].suite(), CipherSuite::TLS13_AES_128_GCM_SHA256);
         let first_tls12 = ours
