@@ -170,8 +170,7 @@ pub fn upstream_client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::ServerName;
-    use rustls::{CipherSuite, ClientConnection, ServerConnection};
+    use rustls::CipherSuite;
 
     fn ca() -> (tempfile::TempDir, Arc<CertificateAuthority>) {
         let dir = tempfile::tempdir().unwrap();
@@ -196,57 +195,42 @@ mod tests {
 
     /// A complete handshake in memory; the suite both sides agreed on.
     fn handshake(client: ClientConfig, server: Arc<ServerConfig>, host: &str) -> CipherSuite {
-        let name = ServerName::try_from(host.to_string()).unwrap();
-        let mut c = ClientConnection::new(Arc::new(client), name).unwrap();
-        let mut s = ServerConnection::new(server).unwrap();
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = buf.as_slice();
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = buf.as_slice();
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            if !c.is_handshaking() && !s.is_handshaking() {
-                let ours = s.negotiated_cipher_suite().unwrap().suite();
-                assert_eq!(Some(ours), c.negotiated_cipher_suite().map(|s| s.suite()));
-                return ours;
-            }
-        }
-        panic!("the handshake did not finish");
+        let (c, s) = test_support::handshake_in_memory(Arc::new(client), server, host)
+            .unwrap_or_else(|e| panic!("TLS handshake for {host} failed: {e}"));
+        let ours = s.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(Some(ours), c.negotiated_cipher_suite().map(|s| s.suite()));
+        ours
     }
 
-    fn names(v: &[rustls::SupportedCipherSuite]) -> Vec<String> {
-        let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
-        n.sort();
-        n
+    /// `ours` holds exactly rustls' default suites, TLS 1.3 ones first,
+    /// led by `tls13` and, among the TLS 1.2 ones, by `tls12`.
+    fn assert_order(ours: &[rustls::SupportedCipherSuite], tls13: CipherSuite, tls12: CipherSuite) {
+        let names = |v: &[rustls::SupportedCipherSuite]| {
+            let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
+            n.sort();
+            n
+        };
+        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
+        assert_eq!(names(&stock), names(ours), "same set of suites");
+        let is_tls12 =
+            |s: &rustls::SupportedCipherSuite| matches!(s, rustls::SupportedCipherSuite::Tls12(_));
+        let first_tls12 = ours.iter().position(is_tls12).unwrap();
+        assert!(
+            ours[first_tls12..].iter().all(is_tls12),
+            "TLS 1.3 suites stay ahead of TLS 1.2 ones"
+        );
+        assert_eq!(ours[0].suite(), tls13);
+        assert_eq!(ours[first_tls12].suite(), tls12);
     }
 
     #[test]
     fn without_aes_instructions_chacha20_comes_first_per_version() {
-        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
-        let mut ours = stock.clone();
+        let mut ours = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
         prefer_fast_suites(&mut ours, false);
-        assert_eq!(names(&stock), names(&ours), "same set of suites");
-        assert_eq!(ours[0].suite(), CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
-        let first_tls12 = ours
-            .iter()
-            .find(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
-            .map(|s| s.suite());
-        assert_eq!(
-            first_tls12,
-            Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+        assert_order(
+            &ours,
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
         );
     }
 
@@ -255,26 +239,11 @@ mod tests {
         // The in-memory handshakes below assume a CPU with AES instructions
         // (every x86-64 and ARMv8 server CPU this runs on).
         assert!(aes_hardware(), "this test machine has no AES instructions");
-        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
-        let ours = provider().cipher_suites.clone();
-        assert_eq!(names(&stock), names(&ours), "same set of suites");
-        assert_eq!(ours[0].suite(), CipherSuite::TLS13_AES_128_GCM_SHA256);
-        let first_tls12 = ours
-            .iter()
-            .find(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
-            .map(|s| s.suite());
-        assert_eq!(
-            first_tls12,
-            Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+        assert_order(
+            &provider().cipher_suites,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
         );
-        // TLS 1.3 suites stay ahead of TLS 1.2 ones.
-        let last_tls13 = ours
-            .iter()
-            .rposition(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
-        let first_tls12 = ours
-            .iter()
-            .position(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)));
-        assert!(last_tls13 < first_tls12);
     }
 
     #[test]

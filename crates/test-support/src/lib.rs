@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod handshake;
 mod keygate;
 mod streaming;
 mod tunnel;
 mod upstream;
 
 pub use agent::{agent_tls, empty_body, AgentBody, AgentConn, AgentProto, RepeatBody};
+pub use handshake::handshake_in_memory;
 pub use keygate::Keygate;
 // Re-exported so tests build requests with the same versions.
 pub use streaming::{Alpn, StreamUpstream};

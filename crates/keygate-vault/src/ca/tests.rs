@@ -144,38 +144,8 @@ fn rustls_verify(ca: &CertificateAuthority, leaf: &LeafCert, host: &str) {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut client =
-        rustls::ClientConnection::new(Arc::new(client_config), name.to_owned()).unwrap();
-    let mut server = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
-    for _ in 0..20 {
-        if !client.is_handshaking() && !server.is_handshaking() {
-            break;
-        }
-        let mut buf = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            server.read_tls(&mut rd).unwrap();
-        }
-        server.process_new_packets().unwrap();
-        let mut buf = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            client.read_tls(&mut rd).unwrap();
-        }
-        client
-            .process_new_packets()
-            .unwrap_or_else(|e| panic!("TLS handshake for {host} failed: {e}"));
-    }
-    assert!(
-        !client.is_handshaking() && !server.is_handshaking(),
-        "handshake did not finish"
-    );
+    test_support::handshake_in_memory(Arc::new(client_config), Arc::new(server_config), host)
+        .unwrap_or_else(|e| panic!("TLS handshake for {host} failed: {e}"));
 }
 
 /// Python's ssl with VERIFY_X509_STRICT | VERIFY_X509_PARTIAL_CHAIN (the
