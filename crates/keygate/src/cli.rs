@@ -116,7 +116,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub shutdown_grace: u64,
     /// Worker threads for the proxy and admin listeners (default: one per
-    /// CPU core). 1 runs everything on a single thread.
+    /// CPU core but one, at least one). 1 runs everything on a single
+    /// thread (the default on a machine with one or two cores).
     #[arg(long, env = "KEYGATE_WORKERS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
