@@ -67,6 +67,12 @@ async fn audit_pages_stay_fast_at_a_million_records() {
         "/audit?host=rare.test&before=500000".to_string(),
         "/audit?decision=denied&before=900000".to_string(),
         "/audit?agent=agent3&decision=denied".to_string(),
+        // Injected records have no decision index (the common record costs
+        // one B-tree insert fewer): a newest-first walk finds them.
+        "/audit?decision=injected&before=500000".to_string(),
+        "/audit?agent=agent3&decision=injected".to_string(),
+        "/audit?decision=passthrough".to_string(),
+        "/audit?decision=error".to_string(),
         "/audit?agent=agent7&host=h7.test".to_string(),
         "/audit?to=2000-01-01T00:00".to_string(),
         format!("/audit?from=2000-01-01T00:00&to={}", {

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use keygate_core::AuditEvent;
+use keygate_core::{AuditEvent, Decision};
 use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
@@ -616,37 +616,7 @@ impl Store {
 
     /// Audit records matching `filter` (index-backed keyset paging on seq).
     pub async fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM audit WHERE 1=1");
-        let mut binds: Vec<Bind> = Vec::new();
-        let mut push = |clause: &str, b: Bind, sql: &mut String| {
-            binds.push(b);
-            sql.push_str(&format!(" AND {clause} ${}", binds.len()));
-        };
-        if let Some(a) = &filter.agent {
-            push("agent =", Bind::Text(a.clone()), &mut sql);
-        }
-        if let Some(d) = &filter.decision {
-            push("decision =", Bind::Text(d.clone()), &mut sql);
-        }
-        if let Some(h) = &filter.host {
-            push("host =", Bind::Text(h.to_ascii_lowercase()), &mut sql);
-        }
-        if let Some(s) = filter.before_seq {
-            push("seq <", Bind::Int(s), &mut sql);
-        }
-        if let Some(s) = filter.after_seq {
-            push("seq >", Bind::Int(s), &mut sql);
-        }
-        if let Some(t) = filter.since_ms {
-            push("ts_ms >=", Bind::Int(t), &mut sql);
-        }
-        let order = if filter.after_seq.is_some() {
-            "ASC"
-        } else {
-            "DESC"
-        };
-        let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
-        sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+        let (sql, binds) = audit_query_sql(filter);
         let mut q = sqlx::query(&sql);
         for b in binds {
             q = match b {
@@ -735,6 +705,49 @@ impl Store {
     }
 }
 
+/// The SQL of [`Store::audit_query`] and its parameters, in order.
+fn audit_query_sql(filter: &AuditFilter) -> (String, Vec<Bind>) {
+    let mut sql = format!("SELECT {COLUMNS} FROM audit WHERE 1=1");
+    let mut binds: Vec<Bind> = Vec::new();
+    let mut push = |clause: &str, b: Bind, sql: &mut String| {
+        binds.push(b);
+        sql.push_str(&format!(" AND {clause} ${}", binds.len()));
+    };
+    if let Some(a) = &filter.agent {
+        push("agent =", Bind::Text(a.clone()), &mut sql);
+    }
+    if let Some(d) = &filter.decision {
+        push("decision =", Bind::Text(d.clone()), &mut sql);
+        if d != Decision::Injected.as_str() {
+            // The condition of the partial index of the rarer decisions
+            // (migration 0006), spelled out: SQLite's planner uses a partial
+            // index only when the query repeats its condition. Injected
+            // records are found by walking the table newest first.
+            sql.push_str(" AND decision <> 'injected'");
+        }
+    }
+    if let Some(h) = &filter.host {
+        push("host =", Bind::Text(h.to_ascii_lowercase()), &mut sql);
+    }
+    if let Some(s) = filter.before_seq {
+        push("seq <", Bind::Int(s), &mut sql);
+    }
+    if let Some(s) = filter.after_seq {
+        push("seq >", Bind::Int(s), &mut sql);
+    }
+    if let Some(t) = filter.since_ms {
+        push("ts_ms >=", Bind::Int(t), &mut sql);
+    }
+    let order = if filter.after_seq.is_some() {
+        "ASC"
+    } else {
+        "DESC"
+    };
+    let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
+    sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+    (sql, binds)
+}
+
 enum Bind {
     Text(String),
     Int(i64),
@@ -743,6 +756,54 @@ enum Bind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's plan for a decision filter: a rarer decision goes through
+    /// the partial index (only if the query repeats its condition), an
+    /// injected one walks the table newest first (no index to maintain for
+    /// the common record).
+    #[tokio::test]
+    async fn decision_filters_use_the_partial_index_for_the_rarer_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("kg.db").display());
+        let vault = std::sync::Arc::new(keygate_vault::Vault::new(
+            keygate_vault::MasterKey::generate(),
+        ));
+        let store = Store::open(&url, vault).await.unwrap();
+        let plan = |decision: &str| {
+            let (sql, binds) = audit_query_sql(&AuditFilter {
+                decision: Some(decision.into()),
+                ..Default::default()
+            });
+            let store = &store;
+            async move {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut q = sqlx::query(&explain);
+                for b in binds {
+                    q = match b {
+                        Bind::Text(s) => q.bind(s),
+                        Bind::Int(i) => q.bind(i),
+                    };
+                }
+                let rows = q.fetch_all(store.pool()).await.unwrap();
+                rows.iter()
+                    .map(|r| r.try_get::<String, _>("detail").unwrap())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        for rare in ["denied", "error", "passthrough"] {
+            let p = plan(rare).await;
+            assert!(p.contains("audit_decision_rare_seq"), "{rare}: {p}");
+            assert!(!p.contains("TEMP B-TREE"), "{rare}: sorted in memory: {p}");
+        }
+        let p = plan("injected").await;
+        assert!(!p.contains("audit_decision_rare_seq"), "injected: {p}");
+        assert!(
+            !p.contains("TEMP B-TREE"),
+            "injected: sorted in memory: {p}"
+        );
+        store.close().await;
+    }
 
     /// The chain's hash input must stay byte-for-byte what it was defined
     /// as (a `serde_json::json!` array), or every stored chain would fail

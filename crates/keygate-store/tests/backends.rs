@@ -138,6 +138,12 @@ async fn scenario(url: &str) {
     let writer = tokio::spawn(store.audit_writer(rx).await.unwrap().run());
     for i in 0..20 {
         let mut e = event(if i % 2 == 0 { "bot" } else { "other" }, 200);
+        // A few of the rarer decisions (seq 4 and 16 denied, 6 passthrough).
+        match i {
+            3 | 15 => e.decision = Decision::Denied,
+            5 => e.decision = Decision::Passthrough,
+            _ => {}
+        }
         if i == 10 {
             // seq 11: a WebSocket session, with the bytes piped each way.
             e.status = 101;
@@ -174,6 +180,40 @@ async fn scenario(url: &str) {
         .await
         .unwrap();
     assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 3]);
+    // Each decision filter (the rarer ones through a partial index, the
+    // injected ones by walking the table), with an agent and a page.
+    let by_decision = |decision: &str, agent: Option<&str>, before_seq: Option<i64>| {
+        let filter = AuditFilter {
+            decision: Some(decision.into()),
+            agent: agent.map(Into::into),
+            before_seq,
+            limit: Some(100),
+            ..Default::default()
+        };
+        let store = &store;
+        async move {
+            let rows = store.audit_query(&filter).await.unwrap();
+            rows.iter().map(|r| r.seq).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(by_decision("denied", None, None).await, vec![16, 4]);
+    assert_eq!(by_decision("denied", None, Some(16)).await, vec![4]);
+    assert_eq!(
+        by_decision("denied", Some("other"), None).await,
+        vec![16, 4]
+    );
+    assert_eq!(
+        by_decision("denied", Some("bot"), None).await,
+        Vec::<i64>::new()
+    );
+    assert_eq!(by_decision("passthrough", None, None).await, vec![6]);
+    assert_eq!(by_decision("error", None, None).await, Vec::<i64>::new());
+    let injected: Vec<i64> = (1..=20).rev().filter(|s| ![4, 6, 16].contains(s)).collect();
+    assert_eq!(by_decision("injected", None, None).await, injected);
+    assert_eq!(
+        by_decision("injected", Some("bot"), Some(10)).await,
+        vec![9, 7, 5, 3, 1]
+    );
     assert!(store.audit_verify().await.unwrap().ok);
     store
         .execute_raw("UPDATE audit SET path = '/v1/other' WHERE seq = 7")
@@ -433,7 +473,7 @@ async fn sqlite_audit_seq_is_the_rowid_and_older_databases_are_rebuilt() {
         names,
         [
             "audit_agent_seq",
-            "audit_decision_seq",
+            "audit_decision_rare_seq",
             "audit_host_seq",
             "audit_ts_decision"
         ]
