@@ -617,14 +617,9 @@ impl Store {
     /// Audit records matching `filter` (index-backed keyset paging on seq).
     pub async fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         let (sql, binds) = audit_query_sql(filter);
-        let mut q = sqlx::query(&sql);
-        for b in binds {
-            q = match b {
-                Bind::Text(s) => q.bind(s),
-                Bind::Int(i) => q.bind(i),
-            };
-        }
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = bind_all(sqlx::query(&sql), binds)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(record_from_row).collect()
     }
 
@@ -753,6 +748,20 @@ enum Bind {
     Int(i64),
 }
 
+/// `q` with `binds` bound in order.
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s),
+            Bind::Int(i) => q.bind(i),
+        };
+    }
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,14 +786,10 @@ mod tests {
             let store = &store;
             async move {
                 let explain = format!("EXPLAIN QUERY PLAN {sql}");
-                let mut q = sqlx::query(&explain);
-                for b in binds {
-                    q = match b {
-                        Bind::Text(s) => q.bind(s),
-                        Bind::Int(i) => q.bind(i),
-                    };
-                }
-                let rows = q.fetch_all(store.pool()).await.unwrap();
+                let rows = bind_all(sqlx::query(&explain), binds)
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
                 rows.iter()
                     .map(|r| r.try_get::<String, _>("detail").unwrap())
                     .collect::<Vec<_>>()
