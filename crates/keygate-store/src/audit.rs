@@ -5,11 +5,12 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use keygate_core::{AuditEvent, Decision};
+use keygate_core::AuditEvent;
 use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::audit_chunk::{self, Chunk};
 use crate::{Backend, Store, StoreError};
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -19,17 +20,9 @@ const BATCH: usize = 512;
 /// bench/README.md); a record is in the log ~20 ms after its response.
 const LINGER: Duration = Duration::from_millis(20);
 const HEAD_KEY: &str = "audit_head";
-/// SQLite, on the writer's own connection: one cached statement per record.
-const INSERT_ONE_SQLITE: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 const UPSERT_HEAD: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-const UPSERT_HEAD_SQLITE: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-/// PostgreSQL: the whole batch in one statement, as a JSON array of rows in
-/// [`COLUMNS`] order (see [`batch_json`]), unpacked by the server.
-const INSERT_BATCH_POSTGRES: &str = "INSERT INTO audit (seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash) \
-     SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, r->>7, \
-     (r->>8)::bigint, r->>9, r->>10, r->>11, (r->>12)::bigint, (r->>13)::bigint, (r->>14)::bigint, r->>15, r->>16 \
-     FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n";
+/// Chunks read at a time when paging (each holds up to [`BATCH`] records).
+const CHUNKS_PER_READ: i64 = 4;
 
 /// One stored audit record, as the API and CLI show it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -260,19 +253,17 @@ impl AuditWriter {
         Ok(())
     }
 
-    /// PostgreSQL. One statement for the whole batch: through sqlx every
-    /// statement is a network round trip.
+    /// PostgreSQL: the batch as one chunk (a row, its keys in one multi-row
+    /// INSERT) and the chain head, in one transaction: three statements,
+    /// whatever the batch's size.
     async fn write_postgres(
         &self,
         records: &[AuditRecord],
         head: String,
     ) -> Result<(), StoreError> {
-        let rows = batch_json(records)?;
+        let chunk = Chunk::build(records)?;
         let mut tx = self.store.write_tx().await?;
-        sqlx::query(INSERT_BATCH_POSTGRES)
-            .bind(rows)
-            .execute(&mut *tx)
-            .await?;
+        audit_chunk::write_chunk_sqlx(&mut tx, &chunk).await?;
         // The head lets verify notice records deleted from the end.
         sqlx::query(UPSERT_HEAD)
             .bind(HEAD_KEY)
@@ -310,44 +301,6 @@ fn link_batch(records: &mut [AuditRecord], tail: ChainTail) -> (ChainTail, Strin
         prev_hash: prev,
     };
     (tail, head)
-}
-
-/// A batch as one JSON array of rows in [`COLUMNS`] order; `secrets` is
-/// stored as its own JSON text, as the column holds it.
-fn batch_json(records: &[AuditRecord]) -> Result<String, StoreError> {
-    let rows: Vec<BatchRow<'_>> = records.iter().map(BatchRow).collect();
-    serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("audit batch: {e}")))
-}
-
-/// One row of [`batch_json`]: a JSON array in [`COLUMNS`] order (written
-/// element by element: there are more columns than serde has tuple sizes).
-struct BatchRow<'a>(&'a AuditRecord);
-
-impl Serialize for BatchRow<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let r = self.0;
-        let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
-        let mut row = s.serialize_tuple(17)?;
-        row.serialize_element(&r.seq)?;
-        row.serialize_element(&r.ts_ms)?;
-        row.serialize_element(&r.agent)?;
-        row.serialize_element(&r.method)?;
-        row.serialize_element(&r.scheme)?;
-        row.serialize_element(&r.host)?;
-        row.serialize_element(&r.port)?;
-        row.serialize_element(&r.path)?;
-        row.serialize_element(&r.status)?;
-        row.serialize_element(&r.decision)?;
-        row.serialize_element(&r.reason)?;
-        row.serialize_element(&secrets)?;
-        row.serialize_element(&r.duration_us)?;
-        row.serialize_element(&r.bytes_up)?;
-        row.serialize_element(&r.bytes_down)?;
-        row.serialize_element(&r.prev_hash)?;
-        row.serialize_element(&r.hash)?;
-        row.end()
-    }
 }
 
 /// A batch for the SQLite writer thread, with this process's writer slot
@@ -462,137 +415,40 @@ fn write_sqlite(
     records: &[AuditRecord],
     head: &str,
 ) -> Result<(), StoreError> {
+    let chunk = Chunk::build(records)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    {
-        let mut insert = tx.prepare_cached(INSERT_ONE_SQLITE)?;
-        for r in records {
-            let secrets = serde_json::to_string(&r.secrets).unwrap_or_else(|_| "[]".into());
-            insert.execute(rusqlite::params![
-                r.seq,
-                r.ts_ms,
-                r.agent,
-                r.method,
-                r.scheme,
-                r.host,
-                r.port,
-                r.path,
-                r.status,
-                r.decision,
-                r.reason,
-                secrets,
-                r.duration_us,
-                r.bytes_up,
-                r.bytes_down,
-                r.prev_hash,
-                r.hash,
-            ])?;
-        }
-        // The head lets verify notice records deleted from the end.
-        tx.prepare_cached(UPSERT_HEAD_SQLITE)?
-            .execute(rusqlite::params![HEAD_KEY, head])?;
-    }
+    audit_chunk::write_chunk_rusqlite(&tx, &chunk)?;
+    // The head lets verify notice records deleted from the end.
+    tx.prepare_cached(UPSERT_HEAD)?
+        .execute(rusqlite::params![HEAD_KEY, head])?;
     tx.commit()?;
     Ok(())
 }
 
-/// The column definition migration 0001 gave `audit.seq` (portable, but in
-/// SQLite not an alias of the rowid).
-const SEQ_BIGINT: &str = "seq BIGINT PRIMARY KEY";
-/// In SQLite an `INTEGER PRIMARY KEY` column is the rowid itself.
-const SEQ_ROWID: &str = "seq INTEGER PRIMARY KEY";
-
-/// SQLite only, once per database: rebuilds `audit` with `seq` as the rowid.
-/// A `BIGINT PRIMARY KEY` makes SQLite keep a separate unique index beside
-/// the table (`sqlite_autoindex_audit_1`): one more B-tree insert for every
-/// record the gateway writes. PostgreSQL keeps the portable definition (its
-/// `INTEGER` is 32-bit), so this is not a shared migration. The copy runs
-/// in one transaction (SQLite's documented table rebuild): an interrupted
-/// or failed rebuild leaves the old table as it was (and the store opens
-/// with it, see [`Store::open`]). The table and index definitions
-/// are taken from the database itself, so columns and indexes added by
-/// later migrations carry over.
-pub(crate) async fn sqlite_seq_as_rowid(pool: &sqlx::AnyPool) -> Result<(), StoreError> {
-    const TABLE_SQL: &str = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit'";
-    let (table_sql,): (String,) = sqlx::query_as(TABLE_SQL).fetch_one(pool).await?;
-    if !table_sql.contains(SEQ_BIGINT) {
-        return Ok(()); // rebuilt already: no write lock taken
-    }
-    let mut tx = crate::begin_write(pool, Backend::Sqlite).await?;
-    // Again under the write lock: another process may have rebuilt it.
-    let (table_sql,): (String,) = sqlx::query_as(TABLE_SQL).fetch_one(&mut *tx).await?;
-    if !table_sql.contains(SEQ_BIGINT) {
-        return Ok(());
-    }
-    // `CREATE TABLE audit (…)`, or `"audit"` once SQLite has renamed it.
-    let Some(rest) = table_sql.find('(').map(|at| &table_sql[at..]) else {
-        return Err(StoreError::Corrupt(format!(
-            "unexpected definition of the audit table: {table_sql}"
-        )));
-    };
-    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit")
-        .fetch_one(&mut *tx)
-        .await?;
-    tracing::info!(
-        records = count,
-        "rebuilding the SQLite audit table with seq as its rowid (once)"
-    );
-    let indexes: Vec<(String,)> = sqlx::query_as(
-        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit' AND sql IS NOT NULL",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let create = format!(
-        "CREATE TABLE audit_rebuilt {}",
-        rest.replacen(SEQ_BIGINT, SEQ_ROWID, 1)
-    );
-    sqlx::query(&create).execute(&mut *tx).await?;
-    sqlx::query("INSERT INTO audit_rebuilt SELECT * FROM audit ORDER BY seq")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DROP TABLE audit").execute(&mut *tx).await?;
-    sqlx::query("ALTER TABLE audit_rebuilt RENAME TO audit")
-        .execute(&mut *tx)
-        .await?;
-    for (index_sql,) in &indexes {
-        sqlx::query(index_sql).execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
+/// Where the chain ends: the newest record's seq and hash (0 and the
+/// genesis hash for an empty log).
 async fn chain_tail(store: &Store) -> Result<(i64, String), StoreError> {
-    let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT records FROM audit_chunk ORDER BY first_seq DESC LIMIT 1")
             .fetch_optional(store.pool())
             .await?;
-    Ok(row.unwrap_or((0, GENESIS.to_string())))
+    let Some((json,)) = row else {
+        return Ok((0, GENESIS.to_string()));
+    };
+    let newest = audit_chunk::decode_records(&json)?.pop();
+    let r = newest.ok_or_else(|| StoreError::Corrupt("an audit chunk without records".into()))?;
+    Ok((r.seq, r.hash))
 }
 
-fn record_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord, StoreError> {
-    let secrets: String = row.try_get("secrets")?;
-    Ok(AuditRecord {
-        seq: row.try_get("seq")?,
-        ts_ms: row.try_get("ts_ms")?,
-        agent: row.try_get("agent")?,
-        method: row.try_get::<String, _>("method")?.into(),
-        scheme: row.try_get::<String, _>("scheme")?.into(),
-        host: row.try_get("host")?,
-        port: row.try_get("port")?,
-        path: row.try_get("path")?,
-        status: row.try_get("status")?,
-        decision: row.try_get::<String, _>("decision")?.into(),
-        reason: row.try_get("reason")?,
-        secrets: serde_json::from_str(&secrets)
-            .map_err(|_| StoreError::Corrupt("audit secrets column".into()))?,
-        duration_us: row.try_get("duration_us")?,
-        bytes_up: row.try_get("bytes_up")?,
-        bytes_down: row.try_get("bytes_down")?,
-        prev_hash: row.try_get("prev_hash")?,
-        hash: row.try_get("hash")?,
-    })
+/// Which chunks a page reads: those holding every key in `keys` (all
+/// chunks when empty), with `first_seq` in `lower..upper`, newest first
+/// unless `asc`.
+struct ChunkRange<'a> {
+    keys: &'a [String],
+    lower: Option<i64>,
+    upper: Option<i64>,
+    asc: bool,
 }
-
-const COLUMNS: &str = "seq, ts_ms, agent, method, scheme, host, port, path, status, decision, reason, secrets, duration_us, bytes_up, bytes_down, prev_hash, hash";
 
 impl Store {
     /// A writer that continues the chain from the last stored record.
@@ -614,57 +470,214 @@ impl Store {
         })
     }
 
-    /// Audit records matching `filter` (index-backed keyset paging on seq).
-    pub async fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
-        let (sql, binds) = audit_query_sql(filter);
+    /// The next `CHUNKS_PER_READ` chunks of `range`: `(first_seq, records)`.
+    async fn chunk_page(&self, range: &ChunkRange<'_>) -> Result<Vec<(i64, String)>, StoreError> {
+        let (sql, binds) = chunk_page_sql(range);
         let rows = bind_all(sqlx::query(&sql), binds)
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(record_from_row).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Audit records matching `filter`: keyset paging on seq over the
+    /// chunks that hold matching records (found through their keys).
+    pub async fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = usize::try_from(filter.limit.unwrap_or(100).clamp(1, 10_000)).unwrap_or(100);
+        let host = filter.host.as_deref().map(str::to_ascii_lowercase);
+        let keys = audit_chunk::filter_keys(
+            filter.agent.as_deref(),
+            host.as_deref(),
+            filter.decision.as_deref(),
+        );
+        let mut range = ChunkRange {
+            keys: &keys,
+            lower: None,
+            // Chunks starting below `before` may hold records below it.
+            upper: filter.before_seq,
+            asc: filter.after_seq.is_some(),
+        };
+        if let Some(after) = filter.after_seq {
+            // From the chunk holding the first record after `after`.
+            range.lower = self.chunk_holding(after.saturating_add(1)).await?;
+        }
+        if let Some(since) = filter.since_ms {
+            // Every record at or after `since` is in a chunk whose newest
+            // record is, and no such chunk starts before this one.
+            let (first,): (Option<i64>,) =
+                sqlx::query_as("SELECT MIN(first_seq) FROM audit_chunk WHERE ts_max >= $1")
+                    .bind(since)
+                    .fetch_one(self.pool())
+                    .await?;
+            let Some(first) = first else {
+                return Ok(Vec::new());
+            };
+            range.lower = Some(range.lower.map_or(first, |l| l.max(first)));
+        }
+        let wanted = |r: &AuditRecord| {
+            filter
+                .agent
+                .as_ref()
+                .is_none_or(|a| r.agent.as_ref() == Some(a))
+                && host.as_ref().is_none_or(|h| r.host == *h)
+                && filter
+                    .decision
+                    .as_ref()
+                    .is_none_or(|d| r.decision == d.as_str())
+                && filter.before_seq.is_none_or(|b| r.seq < b)
+                && filter.after_seq.is_none_or(|a| r.seq > a)
+                && filter.since_ms.is_none_or(|t| r.ts_ms >= t)
+        };
+        let mut out = Vec::new();
+        loop {
+            let page = self.chunk_page(&range).await?;
+            for (_, json) in &page {
+                let mut records = audit_chunk::decode_records(json)?;
+                if !range.asc {
+                    records.reverse();
+                }
+                for r in records.into_iter().filter(|r| wanted(r)) {
+                    out.push(r);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            match page.last() {
+                Some(&(first, _)) if page.len() as i64 == CHUNKS_PER_READ => {
+                    if range.asc {
+                        range.lower = Some(first + 1);
+                    } else {
+                        range.upper = Some(first);
+                    }
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// The first seq of the chunk that holds `seq` (or would: the newest
+    /// chunk starting at or before it).
+    async fn chunk_holding(&self, seq: i64) -> Result<Option<i64>, StoreError> {
+        let (first,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(first_seq) FROM audit_chunk WHERE first_seq <= $1")
+                .bind(seq)
+                .fetch_one(self.pool())
+                .await?;
+        Ok(first)
     }
 
     /// Walks the whole chain in seq order and reports the first record whose
-    /// stored hash, link to its predecessor or sequence number is wrong.
+    /// stored hash, link to its predecessor or sequence number is wrong, or
+    /// the first chunk whose summary or keys do not describe its records.
     pub async fn audit_verify(&self) -> Result<VerifyReport, StoreError> {
         let mut prev_hash = GENESIS.to_string();
         let mut expected_seq = 1;
         let mut count = 0;
+        let mut next_chunk = i64::MIN;
         loop {
-            let rows = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM audit WHERE seq >= $1 ORDER BY seq ASC LIMIT 5000"
-            ))
-            .bind(expected_seq)
+            let rows = sqlx::query(
+                "SELECT first_seq, last_seq, ts_min, ts_max, n_injected, n_passthrough, n_denied, n_error, records \
+                 FROM audit_chunk WHERE first_seq >= $1 ORDER BY first_seq ASC LIMIT 64",
+            )
+            .bind(next_chunk)
             .fetch_all(self.pool())
             .await?;
-            if rows.is_empty() {
+            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
                 break;
+            };
+            let (lo, hi): (i64, i64) = (first.try_get(0)?, last.try_get(0)?);
+            next_chunk = hi.saturating_add(1);
+            let key_rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT first_seq, key, last_ts FROM audit_chunk_key \
+                 WHERE first_seq >= $1 AND first_seq <= $2 ORDER BY first_seq, key",
+            )
+            .bind(lo)
+            .bind(hi)
+            .fetch_all(self.pool())
+            .await?;
+            let mut stored_keys: std::collections::HashMap<i64, Vec<(String, i64)>> =
+                std::collections::HashMap::new();
+            for (first_seq, key, ts) in key_rows {
+                stored_keys.entry(first_seq).or_default().push((key, ts));
             }
             for row in &rows {
-                let r = record_from_row(row)?;
-                let bad = |msg: String| VerifyReport {
+                let first_seq: i64 = row.try_get(0)?;
+                let bad = |count: i64, seq: i64, msg: String| VerifyReport {
                     ok: false,
                     records: count,
-                    first_bad_seq: Some(r.seq),
+                    first_bad_seq: Some(seq),
                     message: msg,
                 };
-                if r.seq != expected_seq {
-                    return Ok(bad(format!(
-                        "record {} is missing (next stored record is {})",
-                        expected_seq, r.seq
-                    )));
+                let json: String = row.try_get(8)?;
+                let Ok(records) = audit_chunk::decode_records(&json) else {
+                    return Ok(bad(
+                        count,
+                        first_seq,
+                        format!("the records stored from record {first_seq} on are unreadable"),
+                    ));
+                };
+                if records.is_empty() {
+                    return Ok(bad(
+                        count,
+                        first_seq,
+                        format!("the chunk stored for record {first_seq} holds no records"),
+                    ));
                 }
-                if r.prev_hash != prev_hash {
-                    return Ok(bad(format!(
-                        "record {} does not link to the record before it",
-                        r.seq
-                    )));
+                for r in &records {
+                    if r.seq != expected_seq {
+                        return Ok(bad(
+                            count,
+                            r.seq,
+                            format!(
+                                "record {} is missing (next stored record is {})",
+                                expected_seq, r.seq
+                            ),
+                        ));
+                    }
+                    if r.prev_hash != prev_hash {
+                        return Ok(bad(
+                            count,
+                            r.seq,
+                            format!("record {} does not link to the record before it", r.seq),
+                        ));
+                    }
+                    if r.compute_hash() != r.hash {
+                        return Ok(bad(count, r.seq, format!("record {} was modified", r.seq)));
+                    }
+                    prev_hash.clone_from(&r.hash);
+                    expected_seq += 1;
+                    count += 1;
                 }
-                if r.compute_hash() != r.hash {
-                    return Ok(bad(format!("record {} was modified", r.seq)));
+                // The summary and keys the dashboard pages by must be the
+                // records' own: an edit there could hide records from a
+                // filtered view while the chain still verifies.
+                let want = Chunk::describe(&records, json)?;
+                let stored = Chunk {
+                    first_seq,
+                    last_seq: row.try_get(1)?,
+                    ts_min: row.try_get(2)?,
+                    ts_max: row.try_get(3)?,
+                    counts: [
+                        row.try_get(4)?,
+                        row.try_get(5)?,
+                        row.try_get(6)?,
+                        row.try_get(7)?,
+                    ],
+                    records: want.records.clone(),
+                    keys: stored_keys.remove(&first_seq).unwrap_or_default(),
+                };
+                if stored != want {
+                    return Ok(bad(
+                        count,
+                        first_seq,
+                        format!(
+                            "the index of records {}..={} does not match them (edited)",
+                            want.first_seq, want.last_seq
+                        ),
+                    ));
                 }
-                prev_hash = r.hash;
-                expected_seq += 1;
-                count += 1;
             }
         }
         let head: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = $1")
@@ -698,48 +711,84 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
         Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
     }
+
+    /// For tests that tamper with the audit log: rewrites the stored form
+    /// of record `seq` after `edit` (or removes it, when `edit` returns
+    /// false), leaving hashes, chunk summaries and keys as they were, as
+    /// someone editing the database by hand would. Returns whether the
+    /// record was found.
+    #[doc(hidden)]
+    pub async fn tamper_audit_record(
+        &self,
+        seq: i64,
+        edit: impl FnOnce(&mut AuditRecord) -> bool,
+    ) -> Result<bool, StoreError> {
+        let Some(first) = self.chunk_holding(seq).await? else {
+            return Ok(false);
+        };
+        let (json,): (String,) =
+            sqlx::query_as("SELECT records FROM audit_chunk WHERE first_seq = $1")
+                .bind(first)
+                .fetch_one(self.pool())
+                .await?;
+        let mut records = audit_chunk::decode_records(&json)?;
+        let Some(i) = records.iter().position(|r| r.seq == seq) else {
+            return Ok(false);
+        };
+        if !edit(&mut records[i]) {
+            records.remove(i);
+            if records.is_empty() {
+                sqlx::query("DELETE FROM audit_chunk WHERE first_seq = $1")
+                    .bind(first)
+                    .execute(self.pool())
+                    .await?;
+                return Ok(true);
+            }
+        }
+        sqlx::query("UPDATE audit_chunk SET records = $1 WHERE first_seq = $2")
+            .bind(audit_chunk::encode_records(&records)?)
+            .bind(first)
+            .execute(self.pool())
+            .await?;
+        Ok(true)
+    }
 }
 
-/// The SQL of [`Store::audit_query`] and its parameters, in order.
-fn audit_query_sql(filter: &AuditFilter) -> (String, Vec<Bind>) {
-    let mut sql = format!("SELECT {COLUMNS} FROM audit WHERE 1=1");
+/// The SQL of [`Store::chunk_page`] and its parameters, in order.
+fn chunk_page_sql(range: &ChunkRange<'_>) -> (String, Vec<Bind>) {
     let mut binds: Vec<Bind> = Vec::new();
-    let mut push = |clause: &str, b: Bind, sql: &mut String| {
-        binds.push(b);
-        sql.push_str(&format!(" AND {clause} ${}", binds.len()));
-    };
-    if let Some(a) = &filter.agent {
-        push("agent =", Bind::Text(a.clone()), &mut sql);
-    }
-    if let Some(d) = &filter.decision {
-        push("decision =", Bind::Text(d.clone()), &mut sql);
-        if d != Decision::Injected.as_str() {
-            // The condition of the partial index of the rarer decisions
-            // (migration 0006), spelled out: SQLite's planner uses a partial
-            // index only when the query repeats its condition. Injected
-            // records are found by walking the table newest first.
-            sql.push_str(" AND decision <> 'injected'");
+    let mut sql = String::new();
+    let col = match range.keys.split_first() {
+        None => {
+            sql.push_str("SELECT c.first_seq, c.records FROM audit_chunk c WHERE 1=1");
+            "c.first_seq"
         }
-    }
-    if let Some(h) = &filter.host {
-        push("host =", Bind::Text(h.to_ascii_lowercase()), &mut sql);
-    }
-    if let Some(s) = filter.before_seq {
-        push("seq <", Bind::Int(s), &mut sql);
-    }
-    if let Some(s) = filter.after_seq {
-        push("seq >", Bind::Int(s), &mut sql);
-    }
-    if let Some(t) = filter.since_ms {
-        push("ts_ms >=", Bind::Int(t), &mut sql);
-    }
-    let order = if filter.after_seq.is_some() {
-        "ASC"
-    } else {
-        "DESC"
+        Some((first, rest)) => {
+            binds.push(Bind::Text(first.clone()));
+            sql.push_str(
+                "SELECT c.first_seq, c.records FROM audit_chunk_key k \
+                 JOIN audit_chunk c ON c.first_seq = k.first_seq WHERE k.key = $1",
+            );
+            for key in rest {
+                binds.push(Bind::Text(key.clone()));
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM audit_chunk_key k2 WHERE k2.key = ${} AND k2.first_seq = k.first_seq)",
+                    binds.len()
+                ));
+            }
+            "k.first_seq"
+        }
     };
-    let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
-    sql.push_str(&format!(" ORDER BY seq {order} LIMIT {limit}"));
+    if let Some(l) = range.lower {
+        binds.push(Bind::Int(l));
+        sql.push_str(&format!(" AND {col} >= ${}", binds.len()));
+    }
+    if let Some(u) = range.upper {
+        binds.push(Bind::Int(u));
+        sql.push_str(&format!(" AND {col} < ${}", binds.len()));
+    }
+    let order = if range.asc { "ASC" } else { "DESC" };
+    sql.push_str(&format!(" ORDER BY {col} {order} LIMIT {CHUNKS_PER_READ}"));
     (sql, binds)
 }
 
@@ -766,47 +815,63 @@ fn bind_all<'q>(
 mod tests {
     use super::*;
 
-    /// SQLite's plan for a decision filter: a rarer decision goes through
-    /// the partial index (only if the query repeats its condition), an
-    /// injected one walks the table newest first (no index to maintain for
-    /// the common record).
+    /// SQLite's plans for the pages of a filtered and an unfiltered log:
+    /// a range of the keys' primary key or of the chunks' (no full scan, no
+    /// sort in memory, whichever direction and bounds).
     #[tokio::test]
-    async fn decision_filters_use_the_partial_index_for_the_rarer_decisions() {
+    async fn chunk_pages_are_index_range_scans() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("kg.db").display());
         let vault = std::sync::Arc::new(keygate_vault::Vault::new(
             keygate_vault::MasterKey::generate(),
         ));
         let store = Store::open(&url, vault).await.unwrap();
-        let plan = |decision: &str| {
-            let (sql, binds) = audit_query_sql(&AuditFilter {
-                decision: Some(decision.into()),
-                ..Default::default()
-            });
-            let store = &store;
-            async move {
+        let one = ["a:bot".to_string()];
+        let three = audit_chunk::filter_keys(Some("bot"), Some("h.test"), Some("denied"));
+        for keys in [&[][..], &one[..], &three[..]] {
+            for (lower, upper, asc) in [
+                (None, None, false),
+                (Some(5), Some(900), true),
+                (None, Some(10), false),
+            ] {
+                let range = ChunkRange {
+                    keys,
+                    lower,
+                    upper,
+                    asc,
+                };
+                let (sql, binds) = chunk_page_sql(&range);
                 let explain = format!("EXPLAIN QUERY PLAN {sql}");
                 let rows = bind_all(sqlx::query(&explain), binds)
                     .fetch_all(store.pool())
                     .await
                     .unwrap();
-                rows.iter()
+                let plan = rows
+                    .iter()
                     .map(|r| r.try_get::<String, _>("detail").unwrap())
                     .collect::<Vec<_>>()
-                    .join("; ")
+                    .join("; ");
+                assert!(
+                    !plan.contains("TEMP B-TREE"),
+                    "{keys:?}: sorted in memory: {plan}"
+                );
+                if keys.is_empty() {
+                    assert!(
+                        plan.contains("SEARCH c") || plan.contains("SCAN c"),
+                        "{plan}"
+                    );
+                    if lower.is_some() || upper.is_some() {
+                        assert!(plan.contains("SEARCH c"), "{plan}");
+                    }
+                } else {
+                    assert!(
+                        plan.contains("INDEX sqlite_autoindex_audit_chunk_key_1 (key=?"),
+                        "{keys:?}: {plan}"
+                    );
+                    assert!(!plan.contains("SCAN"), "{keys:?}: {plan}");
+                }
             }
-        };
-        for rare in ["denied", "error", "passthrough"] {
-            let p = plan(rare).await;
-            assert!(p.contains("audit_decision_rare_seq"), "{rare}: {p}");
-            assert!(!p.contains("TEMP B-TREE"), "{rare}: sorted in memory: {p}");
         }
-        let p = plan("injected").await;
-        assert!(!p.contains("audit_decision_rare_seq"), "injected: {p}");
-        assert!(
-            !p.contains("TEMP B-TREE"),
-            "injected: sorted in memory: {p}"
-        );
         store.close().await;
     }
 
@@ -863,46 +928,6 @@ mod tests {
             ctx.update(body.to_string().as_bytes());
             assert_eq!(r.compute_hash(), hex::encode(ctx.finish().as_ref()));
         }
-    }
-
-    #[test]
-    fn batch_rows_are_arrays_in_column_order() {
-        let r = AuditRecord::from_event(
-            7,
-            &AuditEvent {
-                ts_ms: 5,
-                agent: Some("a".into()),
-                method: "GET".into(),
-                scheme: "https".into(),
-                host: "h".into(),
-                port: 443,
-                path: "/p".into(),
-                status: 204,
-                decision: keygate_core::Decision::Injected,
-                reason: None,
-                secrets: vec!["s".into()],
-                duration_us: 9,
-                bytes_up: None,
-                bytes_down: None,
-            }
-            .with_bytes(12, 34),
-            GENESIS.to_string(),
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&batch_json(std::slice::from_ref(&r)).unwrap()).unwrap();
-        let row = v[0].as_array().unwrap();
-        let columns: Vec<&str> = COLUMNS.split(", ").collect();
-        assert_eq!(row.len(), columns.len());
-        let at = |name: &str| &row[columns.iter().position(|c| *c == name).unwrap()];
-        assert_eq!(at("seq"), 7);
-        assert_eq!(at("agent"), "a");
-        assert_eq!(at("reason"), &serde_json::Value::Null);
-        assert_eq!(at("secrets"), "[\"s\"]");
-        assert_eq!(at("duration_us"), 9);
-        assert_eq!(at("bytes_up"), 12);
-        assert_eq!(at("bytes_down"), 34);
-        assert_eq!(at("prev_hash"), GENESIS);
-        assert_eq!(at("hash"), r.hash.as_str());
     }
 
     fn upgrade_record(bytes: Option<(u64, u64)>) -> AuditRecord {

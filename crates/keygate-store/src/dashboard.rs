@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::audit_chunk::{decode_records, key, DECISIONS};
 use crate::{Store, StoreError};
 
 const ADMIN_PASSWORD_KEY: &str = "admin_password_hash";
@@ -30,46 +31,68 @@ impl Store {
         Ok(())
     }
 
-    /// Number of audit records per decision since `since_ms`. One range
-    /// scan of the covering `(ts_ms, decision)` index (a `GROUP BY decision`
-    /// would tempt the planner into the `(decision, seq)` index and a full
-    /// scan).
+    /// Number of audit records per decision since `since_ms`: the counts
+    /// of every chunk wholly inside the range (a range of the `ts_max`
+    /// index), plus the records of the few chunks that straddle its start.
     pub async fn audit_counts_since(
         &self,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        const DECISIONS: [&str; 4] = ["injected", "passthrough", "denied", "error"];
-        let sums: Vec<String> = DECISIONS
-            .iter()
-            .map(|d| format!("COALESCE(SUM(CASE WHEN decision = '{d}' THEN 1 ELSE 0 END), 0)"))
-            .collect();
-        let sql = format!("SELECT {} FROM audit WHERE ts_ms >= $1", sums.join(", "));
-        let row: (i64, i64, i64, i64) = sqlx::query_as(&sql)
-            .bind(since_ms)
-            .fetch_one(self.pool())
-            .await?;
+        let rows: Vec<(i64, i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT ts_min, n_injected, n_passthrough, n_denied, n_error, \
+             CASE WHEN ts_min < $1 THEN records END FROM audit_chunk WHERE ts_max >= $1",
+        )
+        .bind(since_ms)
+        .fetch_all(self.pool())
+        .await?;
+        let mut counts = [0i64; 4];
+        for (_, injected, passthrough, denied, error, straddling) in rows {
+            match straddling {
+                None => {
+                    for (c, n) in counts
+                        .iter_mut()
+                        .zip([injected, passthrough, denied, error])
+                    {
+                        *c += n;
+                    }
+                }
+                Some(json) => {
+                    for r in decode_records(&json)? {
+                        let i = DECISIONS.iter().position(|d| *d == r.decision);
+                        if let (Some(i), true) = (i, r.ts_ms >= since_ms) {
+                            counts[i] += 1;
+                        }
+                    }
+                }
+            }
+        }
         Ok(DECISIONS
             .iter()
             .map(|d| d.to_string())
-            .zip([row.0, row.1, row.2, row.3])
+            .zip(counts)
             .collect())
     }
 
-    /// The highest sequence number among records at or before `ts_ms`
-    /// (through the `ts_ms` index), to turn an "until" time into a keyset
-    /// boundary.
+    /// The highest sequence number among records at or before `ts_ms`, to
+    /// turn an "until" time into a keyset boundary: it is in the newest
+    /// chunk whose oldest record is at or before `ts_ms`.
     pub async fn audit_seq_at_or_before(&self, ts_ms: i64) -> Result<Option<i64>, StoreError> {
-        let row: Option<(i64,)> = sqlx::query_as(
-            "SELECT seq FROM audit WHERE ts_ms <= $1 ORDER BY ts_ms DESC, seq DESC LIMIT 1",
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT records FROM audit_chunk WHERE ts_min <= $1 ORDER BY first_seq DESC LIMIT 1",
         )
         .bind(ts_ms)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|r| r.0))
+        let Some((json,)) = row else { return Ok(None) };
+        Ok(decode_records(&json)?
+            .iter()
+            .filter(|r| r.ts_ms <= ts_ms)
+            .map(|r| r.seq)
+            .max())
     }
 
-    /// When each agent was last seen by the gateway (through the
-    /// `(agent, seq)` index: one indexed lookup per agent).
+    /// When each agent was last seen by the gateway: one lookup of the
+    /// agent's newest chunk key per agent.
     pub async fn agents_last_seen(
         &self,
         agents: &[String],
@@ -77,9 +100,9 @@ impl Store {
         let mut out = HashMap::new();
         for a in agents {
             let row: Option<(i64,)> = sqlx::query_as(
-                "SELECT ts_ms FROM audit WHERE agent = $1 ORDER BY seq DESC LIMIT 1",
+                "SELECT last_ts FROM audit_chunk_key WHERE key = $1 ORDER BY first_seq DESC LIMIT 1",
             )
-            .bind(a)
+            .bind(key("a", a, None))
             .fetch_optional(self.pool())
             .await?;
             if let Some((ts,)) = row {
@@ -92,16 +115,30 @@ impl Store {
     /// When each secret was last injected, looking at the newest `window`
     /// records only (bounded work whatever the size of the log).
     pub async fn secrets_last_used(&self, window: i64) -> Result<HashMap<String, i64>, StoreError> {
-        let rows: Vec<(i64, String)> =
-            sqlx::query_as("SELECT ts_ms, secrets FROM audit ORDER BY seq DESC LIMIT $1")
-                .bind(window.clamp(1, 100_000))
-                .fetch_all(self.pool())
-                .await?;
+        let mut left = window.clamp(1, 100_000);
         let mut out = HashMap::new();
-        for (ts, secrets) in rows {
-            let names: Vec<String> = serde_json::from_str(&secrets).unwrap_or_default();
-            for n in names {
-                out.entry(n).or_insert(ts);
+        let mut before = i64::MAX;
+        while left > 0 {
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT first_seq, records FROM audit_chunk WHERE first_seq < $1 ORDER BY first_seq DESC LIMIT 4",
+            )
+            .bind(before)
+            .fetch_all(self.pool())
+            .await?;
+            let Some(&(oldest, _)) = rows.last() else {
+                break;
+            };
+            before = oldest;
+            for (_, json) in rows {
+                for r in decode_records(&json)?.into_iter().rev() {
+                    if left == 0 {
+                        break;
+                    }
+                    left -= 1;
+                    for n in r.secrets {
+                        out.entry(n).or_insert(r.ts_ms);
+                    }
+                }
             }
         }
         Ok(out)

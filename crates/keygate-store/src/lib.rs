@@ -13,6 +13,7 @@
 
 mod agents;
 mod audit;
+mod audit_chunk;
 mod dashboard;
 mod error;
 mod keys;
@@ -114,12 +115,17 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
-        if backend == Backend::Sqlite {
-            // Best effort: the old layout works, only slower, and a failed
-            // rebuild (a full disk, say) rolls back whole.
-            if let Err(e) = audit::sqlite_seq_as_rowid(&pool).await {
-                tracing::warn!(error = %e, "the audit table keeps its old layout (rebuild failed)");
-            }
+        // A database written before migration 0007 has its audit records in
+        // a table of their own: moved into chunks once, in one transaction.
+        let moved = audit_chunk::move_legacy_records(&pool, backend)
+            .await
+            .map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "cannot move the audit log into its new layout (nothing was changed): {e}"
+                ))
+            })?;
+        if moved > 0 {
+            tracing::info!(records = moved, "audit log moved into chunks");
         }
         // Before the token-hash key is read: it may be wrapped by a key that
         // only an interrupted rotation's `<key file>.next` holds.

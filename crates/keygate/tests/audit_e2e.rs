@@ -88,13 +88,13 @@ async fn every_decision_is_audited_and_edits_are_detected() {
 
     // Edit one row: verify fails and names it.
     let store = open_store(&w).await;
-    assert_eq!(
-        store
-            .execute_raw("UPDATE audit SET status = 201 WHERE seq = 2")
-            .await
-            .unwrap(),
-        1
-    );
+    assert!(store
+        .tamper_audit_record(2, |r| {
+            r.status = 201;
+            true
+        })
+        .await
+        .unwrap());
     let out = w.kg.cli(&["audit", "verify"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("record 2 was modified"));
@@ -110,16 +110,10 @@ async fn deleting_audit_rows_is_detected() {
     }
     assert_eq!(w.audit().len(), 4);
     let store = open_store(&w).await;
-    store
-        .execute_raw("DELETE FROM audit WHERE seq = 4")
-        .await
-        .unwrap();
+    assert!(store.tamper_audit_record(4, |_| false).await.unwrap());
     let out = w.kg.cli(&["audit", "verify"], None);
     assert_eq!(out.status.code(), Some(1), "tail deletion must be detected");
-    store
-        .execute_raw("DELETE FROM audit WHERE seq = 2")
-        .await
-        .unwrap();
+    assert!(store.tamper_audit_record(2, |_| false).await.unwrap());
     let out = w.kg.cli(&["audit", "verify"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("record 2 is missing"));
