@@ -22,6 +22,7 @@ export CHROMIUM="${CHROMIUM:-$(command -v chromium)}"
 export CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
 rm -rf "$target_dir/browser-screenshots"
 cargo test --locked -p browser-tests -- --ignored --nocapture --test-threads 1
-# The audit pages at a million records (index-backed keyset paging).
+# The audit pages at a million records (keyset paging over the chunks a
+# filter needs), after moving them from the pre-0007 per-record table.
 cargo test --locked -p keygate-admin --test scale -- --ignored --nocapture
 echo "screenshots: $target_dir/browser-screenshots"
