@@ -241,8 +241,8 @@ impl AuditWriter {
         let tail = match &self.sqlite {
             Some(sink) => sink.write(&self.store, records, tail).await?,
             None => {
-                let (tail, head) = link_batch(&mut records, tail);
-                if let Err(e) = self.write_postgres(&records, head).await {
+                let (tail, head, json) = link_batch(&mut records, tail);
+                if let Err(e) = self.write_postgres(&records, json, head).await {
                     return Err((e, records));
                 }
                 tail
@@ -259,9 +259,10 @@ impl AuditWriter {
     async fn write_postgres(
         &self,
         records: &[AuditRecord],
+        json: String,
         head: String,
     ) -> Result<(), StoreError> {
-        let chunk = Chunk::build(records)?;
+        let chunk = Chunk::describe(records, json)?;
         let mut tx = self.store.write_tx().await?;
         audit_chunk::write_chunk_sqlx(&mut tx, &chunk).await?;
         // The head lets verify notice records deleted from the end.
@@ -282,25 +283,39 @@ struct ChainTail {
     prev_hash: String,
 }
 
-/// Links `records` after `tail`; returns the new tail and the chain head
-/// (`seq:hash` of the last record) stored with them.
-fn link_batch(records: &mut [AuditRecord], tail: ChainTail) -> (ChainTail, String) {
+/// Links `records` after `tail`; returns the new tail, the chain head
+/// (`seq:hash` of the last record) stored with them, and the records'
+/// stored form (as [`audit_chunk::encode_records`] writes it), built from
+/// each record's hash input: the first 13 fields of a stored row are that
+/// JSON array's, so they are serialised once, not twice.
+fn link_batch(records: &mut [AuditRecord], tail: ChainTail) -> (ChainTail, String, String) {
     let ChainTail {
         next_seq: mut seq,
         prev_hash: mut prev,
     } = tail;
     let mut scratch = Vec::with_capacity(512);
-    for r in records.iter_mut() {
+    let mut json = Vec::with_capacity(records.len() * 384 + 2);
+    json.push(b'[');
+    for (i, r) in records.iter_mut().enumerate() {
         r.link(seq, std::mem::take(&mut prev), &mut scratch);
+        if i > 0 {
+            json.push(b',');
+        }
+        audit_chunk::push_row(&mut json, &scratch, r);
         prev = r.hash.clone();
         seq += 1;
     }
+    json.push(b']');
+    let json = String::from_utf8(json)
+        .ok()
+        .or_else(|| audit_chunk::encode_records(records).ok())
+        .unwrap_or_default();
     let head = format!("{}:{}", seq - 1, prev);
     let tail = ChainTail {
         next_seq: seq,
         prev_hash: prev,
     };
-    (tail, head)
+    (tail, head, json)
 }
 
 /// A batch for the SQLite writer thread, with this process's writer slot
@@ -367,8 +382,8 @@ impl SqliteSink {
                     // transaction rolls back as it unwinds and the records
                     // go back for a retry.
                     let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let (tail, head) = link_batch(&mut records, tail);
-                        write_sqlite(&mut conn, &records, &head).map(|()| tail)
+                        let (tail, head, json) = link_batch(&mut records, tail);
+                        write_sqlite(&mut conn, &records, json, &head).map(|()| tail)
                     }));
                     drop(slot);
                     let outcome = match written {
@@ -413,9 +428,10 @@ impl SqliteSink {
 fn write_sqlite(
     conn: &mut rusqlite::Connection,
     records: &[AuditRecord],
+    json: String,
     head: &str,
 ) -> Result<(), StoreError> {
-    let chunk = Chunk::build(records)?;
+    let chunk = Chunk::describe(records, json)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     audit_chunk::write_chunk_rusqlite(&tx, &chunk)?;
     // The head lets verify notice records deleted from the end.
@@ -928,6 +944,47 @@ mod tests {
             ctx.update(body.to_string().as_bytes());
             assert_eq!(r.compute_hash(), hex::encode(ctx.finish().as_ref()));
         }
+    }
+
+    /// The stored rows the writer builds from the hash inputs are exactly
+    /// what serialising the records gives, with and without byte counts,
+    /// agent or reason, and with strings that need escaping.
+    #[test]
+    fn linked_rows_are_the_encoded_records() {
+        let mut records: Vec<AuditRecord> = (0..4)
+            .map(|i| {
+                let mut e = AuditEvent {
+                    ts_ms: 1_764_000_000_000 + i,
+                    agent: (i != 1).then(|| format!("bot \"{i}\" é\u{1}")),
+                    method: "POST".into(),
+                    scheme: "https".into(),
+                    host: "api.example.com".into(),
+                    port: 443,
+                    path: "/v1/ünï\tcode\\x".into(),
+                    status: 200,
+                    decision: keygate_core::Decision::Injected,
+                    reason: (i == 2).then(|| "path_ambiguous".to_string()),
+                    secrets: (0..i).map(|n| format!("s{n}")).collect(),
+                    duration_us: 7,
+                    bytes_up: None,
+                    bytes_down: None,
+                };
+                if i == 3 {
+                    e = e.with_bytes(0, u64::MAX);
+                }
+                AuditRecord::unlinked(e)
+            })
+            .collect();
+        let tail = ChainTail {
+            next_seq: 41,
+            prev_hash: GENESIS.to_string(),
+        };
+        let (tail, head, json) = link_batch(&mut records, tail);
+        assert_eq!(json, audit_chunk::encode_records(&records).unwrap());
+        assert_eq!(audit_chunk::decode_records(&json).unwrap(), records);
+        assert_eq!(tail.next_seq, 45);
+        assert_eq!(head, format!("44:{}", records[3].hash));
+        assert!(records.iter().all(|r| r.compute_hash() == r.hash));
     }
 
     fn upgrade_record(bytes: Option<(u64, u64)>) -> AuditRecord {

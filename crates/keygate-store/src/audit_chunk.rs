@@ -90,10 +90,17 @@ pub(crate) fn key(kind: &str, a: &str, b: Option<&str>) -> String {
 /// Every key of `records`, sorted, with the newest matching record's time.
 pub(crate) fn chunk_keys(records: &[AuditRecord]) -> Vec<(String, i64)> {
     let mut keys: BTreeMap<(&str, &str, Option<&str>), i64> = BTreeMap::new();
-    for r in records {
+    // Consecutive records mostly share agent, host and decision: each run
+    // of them adds its keys once, with the run's newest time.
+    let same = |x: &AuditRecord, y: &AuditRecord| {
+        x.agent == y.agent && x.host == y.host && x.decision == y.decision
+    };
+    for run in records.chunk_by(same) {
+        let r = &run[0];
+        let ts = run.iter().map(|r| r.ts_ms).max().unwrap_or(r.ts_ms);
         let mut add = |k: (&'static str, _, _)| {
-            let newest = keys.entry(k).or_insert(r.ts_ms);
-            *newest = (*newest).max(r.ts_ms);
+            let newest = keys.entry(k).or_insert(ts);
+            *newest = (*newest).max(ts);
         };
         add(("h", r.host.as_str(), None));
         add(("d", r.decision.as_ref(), None));
@@ -139,6 +146,33 @@ pub(crate) fn filter_keys(
 pub(crate) fn encode_records(records: &[AuditRecord]) -> Result<String, StoreError> {
     let rows: Vec<Row<'_>> = records.iter().map(Row).collect();
     serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("audit chunk: {e}")))
+}
+
+/// Appends `r`'s stored row to `out`, given `hash_input`, the JSON array
+/// its hash was computed over ([`AuditRecord::compute_hash`]: the row's
+/// first 13 fields, then the byte counts when set). Falls back to
+/// serialising the whole row when the input is not such an array.
+pub(crate) fn push_row(out: &mut Vec<u8>, hash_input: &[u8], r: &AuditRecord) {
+    let Some(open) = hash_input
+        .strip_suffix(b"]")
+        .filter(|h| h.starts_with(b"["))
+    else {
+        if serde_json::to_writer(&mut *out, &Row(r)).is_err() {
+            out.extend_from_slice(b"null");
+        }
+        return;
+    };
+    out.extend_from_slice(open);
+    if r.bytes_up.is_none() && r.bytes_down.is_none() {
+        out.extend_from_slice(b",null,null");
+    }
+    for h in [&r.prev_hash, &r.hash] {
+        out.push(b',');
+        if serde_json::to_writer(&mut *out, h).is_err() {
+            out.extend_from_slice(b"\"\"");
+        }
+    }
+    out.push(b']');
 }
 
 /// The records of a stored chunk, in seq order.
@@ -452,6 +486,15 @@ mod tests {
             assert!(chunk.keys.iter().any(|(c, _)| *c == k), "{k}");
         }
         assert!(Chunk::build(&[]).is_err());
+        // A run of alike records keys with its newest time, wherever it is.
+        let run = [
+            record(1, 10, Some("bot"), "a.test", "injected"),
+            record(2, 30, Some("bot"), "a.test", "injected"),
+            record(3, 20, Some("bot"), "a.test", "injected"),
+        ];
+        let keys = chunk_keys(&run);
+        assert_eq!(keys.len(), 6);
+        assert!(keys.iter().all(|(_, ts)| *ts == 30), "{keys:?}");
     }
 
     #[test]
