@@ -44,6 +44,23 @@ fn event(agent: &str, status: u16) -> AuditEvent {
     }
 }
 
+/// Runs `scenario` on a SQLite store file in a temporary directory.
+async fn on_sqlite(scenario: impl AsyncFnOnce(&str)) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
+    scenario(&url).await;
+}
+
+/// Runs `scenario` on a fresh PostgreSQL database, dropped afterwards, when
+/// `KEYGATE_TEST_POSTGRES_URL` names a server.
+async fn on_postgres(tag: &str, scenario: impl AsyncFnOnce(&str)) {
+    let Some(db) = TestPostgres::create(tag).await else {
+        return;
+    };
+    scenario(&db.url).await;
+    db.drop_now().await;
+}
+
 async fn scenario(url: &str) {
     let vault = vault();
     let store = Store::open(url, vault.clone()).await.expect("open store");
@@ -345,18 +362,12 @@ async fn scenario(url: &str) {
 
 #[tokio::test]
 async fn sqlite_backend() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
-    scenario(&url).await;
+    on_sqlite(scenario).await;
 }
 
 #[tokio::test]
 async fn postgres_backend() {
-    let Some(db) = TestPostgres::create("test").await else {
-        return;
-    };
-    scenario(&db.url).await;
-    db.drop_now().await;
+    on_postgres("test", scenario).await;
 }
 
 #[tokio::test]
@@ -580,18 +591,12 @@ async fn legacy_records_move_into_chunks(url: &str) {
 
 #[tokio::test]
 async fn sqlite_legacy_records_move_into_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
-    legacy_records_move_into_chunks(&url).await;
+    on_sqlite(legacy_records_move_into_chunks).await;
 }
 
 #[tokio::test]
 async fn postgres_legacy_records_move_into_chunks() {
-    let Some(db) = TestPostgres::create("legacy").await else {
-        return;
-    };
-    legacy_records_move_into_chunks(&db.url).await;
-    db.drop_now().await;
+    on_postgres("legacy", legacy_records_move_into_chunks).await;
 }
 
 /// An edit made in the old table before the move is reported after it;
@@ -725,16 +730,10 @@ async fn filtered_pages_match_the_whole_log(url: &str) {
 
 #[tokio::test]
 async fn sqlite_filtered_pages_match_the_whole_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("kg.db").display());
-    filtered_pages_match_the_whole_log(&url).await;
+    on_sqlite(filtered_pages_match_the_whole_log).await;
 }
 
 #[tokio::test]
 async fn postgres_filtered_pages_match_the_whole_log() {
-    let Some(db) = TestPostgres::create("pages").await else {
-        return;
-    };
-    filtered_pages_match_the_whole_log(&db.url).await;
-    db.drop_now().await;
+    on_postgres("pages", filtered_pages_match_the_whole_log).await;
 }
