@@ -24,6 +24,11 @@ use crate::{Backend, StoreError};
 /// The decisions counted in a chunk's summary, in column order.
 pub(crate) const DECISIONS: [&str; 4] = ["injected", "passthrough", "denied", "error"];
 
+/// Where `decision` is counted in a chunk's summary ([`DECISIONS`] order).
+pub(crate) fn decision_slot(decision: &str) -> Option<usize> {
+    DECISIONS.iter().position(|d| *d == decision)
+}
+
 pub(crate) const INSERT_CHUNK: &str = "INSERT INTO audit_chunk (first_seq, last_seq, ts_min, ts_max, n_injected, n_passthrough, n_denied, n_error, records) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 pub(crate) const INSERT_KEY: &str =
@@ -62,7 +67,7 @@ impl Chunk {
         for r in records {
             ts_min = ts_min.min(r.ts_ms);
             ts_max = ts_max.max(r.ts_ms);
-            if let Some(i) = DECISIONS.iter().position(|d| *d == r.decision) {
+            if let Some(i) = decision_slot(&r.decision) {
                 counts[i] += 1;
             }
         }

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use crate::audit_chunk::{decode_records, key, DECISIONS};
+use crate::audit::ChunkRange;
+use crate::audit_chunk::{decision_slot, decode_records, key, DECISIONS};
 use crate::{Store, StoreError};
 
 const ADMIN_PASSWORD_KEY: &str = "admin_password_hash";
@@ -38,15 +39,15 @@ impl Store {
         &self,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows: Vec<(i64, i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
-            "SELECT ts_min, n_injected, n_passthrough, n_denied, n_error, \
+        let rows: Vec<(i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
+            "SELECT n_injected, n_passthrough, n_denied, n_error, \
              CASE WHEN ts_min < $1 THEN records END FROM audit_chunk WHERE ts_max >= $1",
         )
         .bind(since_ms)
         .fetch_all(self.pool())
         .await?;
         let mut counts = [0i64; 4];
-        for (_, injected, passthrough, denied, error, straddling) in rows {
+        for (injected, passthrough, denied, error, straddling) in rows {
             match straddling {
                 None => {
                     for (c, n) in counts
@@ -58,9 +59,9 @@ impl Store {
                 }
                 Some(json) => {
                     for r in decode_records(&json)? {
-                        let i = DECISIONS.iter().position(|d| *d == r.decision);
-                        if let (Some(i), true) = (i, r.ts_ms >= since_ms) {
-                            counts[i] += 1;
+                        match decision_slot(&r.decision) {
+                            Some(i) if r.ts_ms >= since_ms => counts[i] += 1,
+                            _ => {}
                         }
                     }
                 }
@@ -117,19 +118,19 @@ impl Store {
     pub async fn secrets_last_used(&self, window: i64) -> Result<HashMap<String, i64>, StoreError> {
         let mut left = window.clamp(1, 100_000);
         let mut out = HashMap::new();
-        let mut before = i64::MAX;
+        let mut range = ChunkRange {
+            keys: &[],
+            lower: None,
+            upper: None,
+            asc: false,
+        };
         while left > 0 {
-            let rows: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT first_seq, records FROM audit_chunk WHERE first_seq < $1 ORDER BY first_seq DESC LIMIT 4",
-            )
-            .bind(before)
-            .fetch_all(self.pool())
-            .await?;
-            let Some(&(oldest, _)) = rows.last() else {
+            let chunks = self.chunk_page(&range).await?;
+            let Some(&(oldest, _)) = chunks.last() else {
                 break;
             };
-            before = oldest;
-            for (_, json) in rows {
+            range.upper = Some(oldest);
+            for (_, json) in chunks {
                 for r in decode_records(&json)?.into_iter().rev() {
                     if left == 0 {
                         break;
