@@ -23,6 +23,9 @@ for r in d["scenarios"]:
         x = r[leg]
         if x["ok"] == 0 or x["errors"] or x["non_2xx"]:
             bad.append(f"{r['scenario']} {leg}: ok={x['ok']} errors={x['errors']} non_2xx={x['non_2xx']}")
+targets = d.get("targets") or []
+if len(targets) != 11 or any(t["verdict"] not in ("met", "missed", "not measured") for t in targets):
+    bad.append(f"issue 5 targets section missing or malformed: {targets!r:.300}")
 if bad:
     print("bench smoke failed:\n" + "\n".join(bad)); sys.exit(1)
 print("bench smoke ok:", len(d["scenarios"]), "scenarios")

@@ -805,6 +805,65 @@ def cpu_bound_lines(results):
     return lines
 
 
+MB = 1_000_000 / 1024 / 1024  # MiB per MB: issue 5 states memory in MB
+
+
+def target_checks(results):
+    """Issue 5's targets against this run: (target, measured, verdict) with
+    verdict "met", "missed" or "not measured" (a scenario left out by
+    --only, --tunnels or --sse)."""
+    rows = {r["scenario"]: r for r in results["scenarios"] if "skipped" not in r}
+    half = next((r for name, r in rows.items() if "half of max" in name), None)
+    out = []
+
+    def check(target, value, ok, shown):
+        if value is None:
+            out.append((target, "not measured", "not measured"))
+        else:
+            out.append((target, shown, "met" if ok(value) else "missed"))
+
+    for name in ("HTTP/1.1 keep-alive c=32", "HTTP/2 c=32"):
+        r = rows.get(name)
+        v = r["ratio"] if r else None
+        check(f"{name}: ≥ 0.6 × direct", v, lambda x: x >= 0.6, v is not None and f"{v:.2f} ×")
+    for name in ("HTTP/1.1 keep-alive c=1", "HTTP/2 c=1"):
+        r = rows.get(name)
+        v = r["added_p50_us"] if r else None
+        check(f"{name}: added p50 ≤ 30 µs", v, lambda x: x <= 30, v is not None and f"{fmt(v)} µs")
+    v = half["keygate"]["p99_us"] if half else None
+    check("p99 < 1 ms at half of max load", v, lambda x: x < 1000,
+          v is not None and f"{v / 1000:.2f} ms (direct {half['direct']['p99_us'] / 1000:.2f} ms)")
+    r = rows.get("HTTP/1.1 keep-alive c=32")
+    v = r["keygate"].get("kg_cpu_us_per_req") if r else None
+    check("keygate CPU ≤ 15 µs per keep-alive request (h1 c=32)", v, lambda x: x <= 15,
+          v is not None and f"{fmt(v)} µs")
+    r = rows.get("cold (new CONNECT+TLS) c=1")
+    v = r["added_p50_us"] if r else None
+    check("cold request ≤ 0.5 ms added (c=1)", v, lambda x: x <= 500, v is not None and f"{fmt(v)} µs")
+    v = results.get("kg_idle_rss_mib")
+    check("idle RSS ≤ 25 MB", v, lambda x: x <= 25 * MB, v is not None and f"{v:.1f} MiB")
+    v = results.get("kg_peak_rss_mib") if "HTTP/1.1 keep-alive c=32" in rows else None
+    check("peak RSS ≤ 40 MB under the c=32 runs", v, lambda x: x <= 40 * MB,
+          v is not None and f"{v:.1f} MiB")
+    t = results.get("idle_tunnels")
+    v = t["kib_per_tunnel"] if t else None
+    check("≤ 64 KiB per idle tunnel", v, lambda x: x <= 64, v is not None and f"{v:.1f} KiB")
+    v = t if t and t["tunnels"] >= 10000 else None
+    check("10 000 concurrent tunnels without errors", v,
+          lambda x: x["held"] == x["tunnels"] and x["errors"] == 0,
+          v is not None and f"{v['held']} of {v['tunnels']} held, {v['errors']} errors")
+    if t and v is None:
+        out[-1] = (out[-1][0], f"not measured ({t['tunnels']} tunnels in this run; "
+                               "`--tunnels 10000` with `ulimit -n 20000`)", "not measured")
+    return out
+
+
+def target_lines(results):
+    lines = ["Issue 5 targets in this run:", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in target_checks(results)]
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="directory with keygate (+ stream-upstream)")
@@ -966,6 +1025,8 @@ def main():
         world.close()
         shutil.rmtree(work, ignore_errors=True)
 
+    results["targets"] = [{"target": t, "measured": m, "verdict": v}
+                          for t, m, v in target_checks(results)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -1007,6 +1068,7 @@ def main():
                   f"{t['errors']} errors, keygate RSS {t['rss_before_mib']:.1f} → "
                   f"{t['rss_held_mib']:.1f} MiB = {t['kib_per_tunnel']:.1f} KiB per tunnel.")
     md.append("")
+    md += target_lines(results) + [""]
     if peers:
         md += peer_table(results, world.proxies)
     (out / "latest.md").write_text("\n".join(md))
