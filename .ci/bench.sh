@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bounded smoke of the benchmark harness (about a minute with a warm build):
-# builds the release binaries, runs every scenario for 1 s and checks that
-# each one completed without errors. Needs oha (cargo install oha --locked),
+# builds the release binaries, runs every scenario for 1 s (the keep-alive
+# and HTTP/2 ones also through the tls-pipe floor) and checks that each one
+# completed without errors. Needs oha (cargo install oha --locked),
 # nginx, openssl, curl, python3; installs oha and nginx when missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,7 +11,7 @@ command -v oha >/dev/null || cargo install oha --locked --quiet
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-./bench/run.sh --quick --out "$out"
+./bench/run.sh --quick --out "$out" --floor "${CARGO_TARGET_DIR:-$root/target}/release/tls-pipe"
 python3 - "$out/latest.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -19,8 +20,15 @@ for r in d["scenarios"]:
     if "skipped" in r:
         bad.append(f"{r['scenario']}: skipped: {r['skipped']}")
         continue
-    for leg in ("direct", "keygate"):
-        x = r[leg]
+    for leg in ("direct", "keygate", "floor"):
+        x = r.get(leg)
+        if x is None:
+            if leg == "floor" and r["scenario"].startswith("HTTP/") and "half" not in r["scenario"]:
+                bad.append(f"{r['scenario']}: no run through the floor (tls-pipe)")
+            continue
+        if "skipped" in x:
+            bad.append(f"{r['scenario']} {leg}: skipped: {x['skipped']}")
+            continue
         if x["ok"] == 0 or x["errors"] or x["non_2xx"]:
             bad.append(f"{r['scenario']} {leg}: ok={x['ok']} errors={x['errors']} non_2xx={x['non_2xx']}")
 targets = d.get("targets") or []

@@ -320,6 +320,22 @@ http {{
         self.proxies["hudsucker"] = Proxy("hsk", p.pid, f"127.0.0.1:{port}", self.ca)
         return {"version": "0.24 (bench/peers/hudsucker)"}
 
+    def floor(self, exe):
+        """tls-pipe (crates/test-support): CONNECT, TLS in with nginx's own
+        leaf (the bench CA), TLS out to nginx, bytes copied both ways; no HTTP,
+        no injection. The floor of any TLS-intercepting proxy."""
+        w = self.work
+        port = free_port()
+        args = [str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
+                str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}"]
+        out = w / "tls-pipe.log"
+        p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p, "tls-pipe", out)
+        self.proxies["floor"] = Proxy("flr", p.pid, f"127.0.0.1:{port}", self.ca)
+        return {"version": "tls-pipe (crates/test-support)"}
+
     def audit_count(self):
         out = subprocess.run([str(self.bindir / "keygate"), "audit", "--json", "--limit", "1"],
                              env=self.env, capture_output=True, text=True)
@@ -900,6 +916,11 @@ def main():
                     help="also measure a bare hudsucker interceptor (bench/peers/hudsucker, built "
                          "with cargo build --release --manifest-path "
                          "bench/peers/hudsucker/Cargo.toml) in the keep-alive and HTTP/2 scenarios")
+    ap.add_argument("--floor", default="", metavar="BIN",
+                    help="also measure tls-pipe (target/release/tls-pipe, built with cargo build "
+                         "--release --bin tls-pipe): a TLS-terminating byte pipe with no HTTP, "
+                         "the floor of any intercepting proxy, in the keep-alive and HTTP/2 "
+                         "scenarios")
     ap.add_argument("--mitmproxy", action="store_true",
                     help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
                          "keep-alive and HTTP/2 scenarios")
@@ -927,6 +948,8 @@ def main():
             raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
     if args.hudsucker and not Path(args.hudsucker).is_file():
         raise SystemExit(f"--hudsucker {args.hudsucker}: no such file (see bench/README.md)")
+    if args.floor and not Path(args.floor).is_file():
+        raise SystemExit(f"--floor {args.floor}: no such file (see bench/README.md)")
     if args.mitmproxy and not shutil.which("mitmdump"):
         raise SystemExit("--mitmproxy needs mitmdump on PATH: pip install mitmproxy "
                          "(see bench/README.md)")
@@ -947,6 +970,8 @@ def main():
             peers["mitmproxy"] = world.mitmproxy()
         if args.hudsucker:
             peers["hudsucker"] = world.hudsucker(args.hudsucker)
+        if args.floor:
+            peers["floor"] = world.floor(args.floor)
         if peers:
             results["peers"] = peers
         time.sleep(0.3)
