@@ -320,19 +320,19 @@ http {{
         self.proxies["hudsucker"] = Proxy("hsk", p.pid, f"127.0.0.1:{port}", self.ca)
         return {"version": "0.24 (bench/peers/hudsucker)"}
 
-    def floor(self, exe):
+    def floor(self, exe, wrap=()):
         """tls-pipe (crates/test-support): CONNECT, TLS in with nginx's own
         leaf (the bench CA), TLS out to nginx, bytes copied both ways; no HTTP,
         no injection. The floor of any TLS-intercepting proxy."""
         w = self.work
         port = free_port()
-        args = [str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
+        args = [*wrap, str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
                 str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}"]
         out = w / "tls-pipe.log"
         p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         self.procs.append(p)
-        wait_port(port, p, "tls-pipe", out)
+        wait_port(port, p, "tls-pipe", out, timeout=60 if wrap else 10)
         self.proxies["floor"] = Proxy("flr", p.pid, f"127.0.0.1:{port}", self.ca)
         return {"version": "tls-pipe (crates/test-support)"}
 
@@ -673,8 +673,9 @@ def callgrind_self_cost(path):
 
 
 def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
-    """keygate under callgrind: instructions (user space only, repeatable for
-    the same binary and inputs) per keep-alive request, by component."""
+    """keygate (or peer: (name, binary), a World method's name) under
+    callgrind: instructions (user space only, repeatable for the same binary
+    and inputs) per keep-alive request, by component."""
     if not shutil.which("valgrind"):
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
     work = tempfile.mkdtemp(prefix="keygate-callgrind-")
@@ -682,14 +683,14 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
     world = World(bindir, work)
     wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
             "--dump-instr=no", "--collect-atstart=yes", "--separate-threads=yes"]
-    via = "hudsucker" if peer else "keygate"
+    via = peer[0] if peer else "keygate"
     try:
         world.certs()
         world.nginx()
         world.stream = None
         if peer:
             world.keygate()  # oha() reads keygate's pid when no peer is named
-            world.hudsucker(peer, wrap)
+            getattr(world, peer[0])(peer[1], wrap)
         else:
             world.keygate_wrap = wrap
             world.keygate()
@@ -740,7 +741,7 @@ def callgrind_thread_role(cost):
 
 
 def callgrind_tag(http2, peer):
-    return "callgrind" + ("-hudsucker" if peer else "") + ("-h2" if http2 else "")
+    return "callgrind" + (f"-{peer[0]}" if peer else "") + ("-h2" if http2 else "")
 
 
 def callgrind_markdown(prof):
@@ -907,7 +908,8 @@ def main():
                     help="idle tunnels to open and hold at the end (0: skip)")
     ap.add_argument("--callgrind", type=int, default=0, metavar="N",
                     help="instead of the scenarios: N keep-alive requests (c=1) through keygate "
-                         "(or, with --hudsucker, through that peer) under valgrind's callgrind, "
+                         "(or, with --hudsucker or --floor, through that peer) under valgrind's "
+                         "callgrind, "
                          "reported as instructions per request by component (repeatable: no "
                          "timing noise)")
     ap.add_argument("--callgrind-http2", action="store_true",
@@ -930,9 +932,10 @@ def main():
     if args.callgrind:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out,
-                                 args.hudsucker or None)
-        tag = callgrind_tag(args.callgrind_http2, args.hudsucker)
+        peer = (("hudsucker", args.hudsucker) if args.hudsucker
+                else ("floor", args.floor) if args.floor else None)
+        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out, peer)
+        tag = callgrind_tag(args.callgrind_http2, peer)
         (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
         md = callgrind_markdown(prof)
         (out / f"{tag}.md").write_text("\n".join(md))
