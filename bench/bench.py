@@ -54,10 +54,16 @@ def run(cmd, **kw):
 
 def cpu_seconds(pid):
     """utime + stime of a process (all threads), in seconds."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid):
+    """(utime, stime) of a process (all threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def thread_cpu(pid):
@@ -386,13 +392,15 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
     up0 = world.upstream_cpu()
-    cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
+    (usr0, sys0), threads0 = cpu_split(pid), thread_cpu(pid)
+    cpu0 = usr0 + sys0
     t0 = time.time()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 30) * 4 + 60)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.time() - t0
-    cpu1, threads1 = cpu_seconds(pid), thread_cpu(pid)
+    (usr1, sys1), threads1 = cpu_split(pid), thread_cpu(pid)
+    cpu1 = usr1 + sys1
     up1 = world.upstream_cpu()
     if perf:
         perf.send_signal(signal.SIGINT)
@@ -428,6 +436,9 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         res["client_cpu_us_per_req"] = client * 1e6 / total
     if px and total:
         res[f"{px.key}_cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+        # The share of it spent in the kernel (system calls, loopback TCP).
+        if cpu1 > cpu0:
+            res[f"{px.key}_kernel_share"] = (sys1 - sys0) / (cpu1 - cpu0)
     if strace and total:
         calls = strace_calls(strace_out)
         res["kg_syscalls_per_req"] = {k: v / total for k, v in calls.items()}
@@ -770,6 +781,10 @@ def fmt(v, unit=""):
     return f"{v}{unit}"
 
 
+def pct(share):
+    return "–" if share is None else f"{share * 100:.0f} %"
+
+
 def peer_table(results, proxies):
     """keygate next to the peers (keep-alive and HTTP/2 scenarios), against
     the same direct runs."""
@@ -781,19 +796,20 @@ def peer_table(results, proxies):
         legs += [(v, r[v]) for v in results["peers"] if v in r]
         for via, x in legs:
             if "skipped" in x:
-                rows.append(f"| {r['scenario']} | {via} | skipped | | | | | |")
+                rows.append(f"| {r['scenario']} | {via} | skipped | | | | | | |")
                 continue
             rows.append(
                 f"| {r['scenario']} | {via} | {fmt(x['rps'])} | {x['ratio']:.3f} × "
                 f"| {fmt(x['added_p50_us'])} | {fmt(x['p99_us'])} "
                 f"| {fmt(x.get(proxies[via].key + '_cpu_us_per_req'))} "
+                f"| {pct(x.get(proxies[via].key + '_kernel_share'))} "
                 f"| {x['errors'] + x['non_2xx']} |")
     md = ["Peers, against the same direct runs (" +
           ", ".join(f"{k} {v['version']}" for k, v in results["peers"].items()) + "):", ""]
     if rows:
         md += ["| scenario | proxy | req/s | ratio | added p50 µs | p99 µs "
-               "| proxy CPU µs/req | errors |",
-               "|---|---|---:|---:|---:|---:|---:|---:|"] + rows + [""]
+               "| proxy CPU µs/req | of it in the kernel | errors |",
+               "|---|---|---:|---:|---:|---:|---:|---:|---:|"] + rows + [""]
     else:
         md += ["no keep-alive or HTTP/2 scenario was run (--only).", ""]
     for via, info in results["peers"].items():
