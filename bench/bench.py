@@ -315,15 +315,9 @@ http {{
         """bench/peers/hudsucker (hudsucker's interceptor plus the same
         injection and --resolve, nothing else); the bench CA signs its leaves."""
         w = self.work
-        port = free_port()
-        args = [*wrap, str(exe), f"127.0.0.1:{port}", str(w / "ca.pem"), str(w / "ca.key"),
-                str(self.ca), f"{HOST}:443=127.0.0.1:{self.nginx_port}", HOST, SECRET]
-        out = w / "hudsucker.log"
-        p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-        self.procs.append(p)
-        wait_port(port, p, "hudsucker-peer", out, timeout=60 if wrap else 10)
-        self.proxies["hudsucker"] = Proxy("hsk", p.pid, f"127.0.0.1:{port}", self.ca)
+        self._peer("hudsucker", "hsk", "hudsucker-peer", wrap, lambda port: [
+            str(exe), f"127.0.0.1:{port}", str(w / "ca.pem"), str(w / "ca.key"),
+            str(self.ca), f"{HOST}:443=127.0.0.1:{self.nginx_port}", HOST, SECRET])
         return {"version": "0.24 (bench/peers/hudsucker)"}
 
     def floor(self, exe, wrap=()):
@@ -331,16 +325,22 @@ http {{
         leaf (the bench CA), TLS out to nginx, bytes copied both ways; no HTTP,
         no injection. The floor of any TLS-intercepting proxy."""
         w = self.work
-        port = free_port()
-        args = [*wrap, str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
-                str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}"]
-        out = w / "tls-pipe.log"
-        p = subprocess.Popen(args, stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-        self.procs.append(p)
-        wait_port(port, p, "tls-pipe", out, timeout=60 if wrap else 10)
-        self.proxies["floor"] = Proxy("flr", p.pid, f"127.0.0.1:{port}", self.ca)
+        self._peer("floor", "flr", "tls-pipe", wrap, lambda port: [
+            str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
+            str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}"])
         return {"version": "tls-pipe (crates/test-support)"}
+
+    def _peer(self, name, key, what, wrap, argv):
+        """Starts a peer proxy of ours (argv(port) is its command line; wrap,
+        e.g. valgrind, goes in front), waits for its port and registers it
+        under `name`; its leaves are signed by the bench CA."""
+        port = free_port()
+        out = self.work / f"{what}.log"
+        p = subprocess.Popen([*wrap, *argv(port)], stdout=open(out, "w"),
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p, what, out, timeout=60 if wrap else 10)
+        self.proxies[name] = Proxy(key, p.pid, f"127.0.0.1:{port}", self.ca)
 
     def audit_count(self):
         out = subprocess.run([str(self.bindir / "keygate"), "audit", "--json", "--limit", "1"],
@@ -925,8 +925,7 @@ def main():
     ap.add_argument("--callgrind", type=int, default=0, metavar="N",
                     help="instead of the scenarios: N keep-alive requests (c=1) through keygate "
                          "(or, with --hudsucker or --floor, through that peer) under valgrind's "
-                         "callgrind, "
-                         "reported as instructions per request by component (repeatable: no "
+                         "callgrind, reported as instructions per request by component (repeatable: no "
                          "timing noise)")
     ap.add_argument("--callgrind-http2", action="store_true",
                     help="with --callgrind: HTTP/2 inside the tunnel")
