@@ -31,6 +31,8 @@ for r in d["scenarios"]:
             continue
         if x["ok"] == 0 or x["errors"] or x["non_2xx"]:
             bad.append(f"{r['scenario']} {leg}: ok={x['ok']} errors={x['errors']} non_2xx={x['non_2xx']}")
+if not any(r["scenario"].endswith("evenly paced") for r in d["scenarios"]):
+    bad.append("no evenly paced half-load run (paced-load)")
 targets = d.get("targets") or []
 if len(targets) != 11 or any(t["verdict"] not in ("met", "missed", "not measured") for t in targets):
     bad.append(f"issue 5 targets section missing or malformed: {targets!r:.300}")

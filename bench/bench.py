@@ -148,6 +148,7 @@ class World:
         self.keygate_args = []
         self.keygate_wrap = []  # e.g. valgrind --tool=callgrind ...
         self.proxies = {}  # name -> Proxy
+        self.paced_load = self.bindir / "paced-load"  # crates/test-support
 
     def close(self):
         for p in reversed(self.procs):
@@ -351,10 +352,8 @@ http {{
 # ---------------------------------------------------------------- load
 
 
-def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
-        requests=None):
-    """via: None (direct to nginx) or a name in world.proxies."""
-    url = f"https://{HOST}/v1/chat/completions"
+def oha_cmd(world, px, url, conc, seconds, http2, keepalive, rate, requests):
+    """oha's command line for one run (px: the proxy, None for direct)."""
     cmd = ["oha", "--no-tui", "--output-format", "json", "-c", str(conc),
            "-H", "Authorization: Bearer placeholder"]
     if requests:
@@ -367,14 +366,43 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         cmd += ["--disable-keepalive"]
     if rate:
         cmd += ["-q", str(rate)]
-    px = world.proxies[via] if via else None
     if px:
         cmd += ["--no-pre-lookup", "-x", f"http://{px.addr}", "--cacert", str(px.ca)]
         cmd += px.oha_args
     else:
         cmd += ["--connect-to", f"{HOST}:443:127.0.0.1:{world.nginx_port}",
                 "--cacert", str(world.ca)]
-    cmd.append(url)
+    return cmd + [url]
+
+
+def paced_cmd(world, px, url, conc, seconds, rate):
+    """paced-load's command line (crates/test-support): HTTP/1.1 keep-alive,
+    requests evenly spaced at `rate` per second over `conc` connections."""
+    cmd = [str(world.paced_load), "--url", url, "--rate", str(rate), "--seconds", str(seconds),
+           "--connections", str(conc), "-H", "Authorization: Bearer placeholder"]
+    if px:
+        cmd += ["--proxy", px.addr, "--cacert", str(px.ca)]
+        # oha's --proxy-header arguments, as paced-load spells them
+        args = iter(px.oha_args)
+        for a in args:
+            if a == "--proxy-header":
+                cmd += ["--proxy-header", next(args)]
+    else:
+        cmd += ["--connect-to", f"127.0.0.1:{world.nginx_port}", "--cacert", str(world.ca)]
+    return cmd
+
+
+def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
+        requests=None, paced=False):
+    """via: None (direct to nginx) or a name in world.proxies. paced: the
+    requests leave evenly spaced at `rate` (paced-load, HTTP/1.1 only)
+    instead of in oha's -q bursts."""
+    url = f"https://{HOST}/v1/chat/completions"
+    px = world.proxies[via] if via else None
+    if paced:
+        cmd = paced_cmd(world, px, url, conc, seconds, rate)
+    else:
+        cmd = oha_cmd(world, px, url, conc, seconds, http2, keepalive, rate, requests)
     pid = (px or world.proxies["keygate"]).pid
     perf = None
     strace = None
@@ -409,8 +437,10 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         strace.send_signal(signal.SIGINT)
         strace.wait(30)
     if out.returncode != 0:
-        raise SystemExit(f"oha failed ({out.returncode}): {out.stderr}\n{' '.join(cmd)}")
+        raise SystemExit(f"{cmd[0]} failed ({out.returncode}): {out.stderr}\n{' '.join(cmd)}")
     data = json.loads(out.stdout)
+    if paced:
+        data = oha_shape(data)
     codes = data.get("statusCodeDistribution", {})
     ok = sum(v for k, v in codes.items() if k.startswith("2"))
     total = sum(codes.values())
@@ -428,6 +458,10 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         "p99_us": (pct.get("p99") or 0) * 1e6,
         "wall_s": wall,
     }
+    if paced:
+        # how late paced-load handed requests to a connection (its own jitter)
+        res["lag_p99_us"] = data["paced"]["lag_p99_us"]
+        res["p999_us"] = data["paced"]["p999_us"]
     if total:
         # Calibration: what the (C, event-driven) upstream spends per request.
         res["upstream_cpu_us_per_req"] = (up1 - up0) * 1e6 / total
@@ -451,6 +485,19 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         res["kg_audit_cpu_us_per_req"] = audit * 1e6 / total
         res["kg_proxy_cpu_us_per_req"] = res["kg_cpu_us_per_req"] - res["kg_audit_cpu_us_per_req"]
     return res
+
+
+def oha_shape(p):
+    """paced-load's report in the shape of oha's JSON (what oha() reads)."""
+    if p.get("errors"):
+        log(f"paced-load: {p['errors']} errors, first: {p.get('first_error')}")
+    return {
+        "statusCodeDistribution": {"200": p["ok"], "500": p["non_2xx"]},
+        "errorDistribution": {p.get("first_error") or "error": p["errors"]} if p["errors"] else {},
+        "latencyPercentiles": {"p50": p["p50_us"] / 1e6, "p99": p["p99_us"] / 1e6},
+        "summary": {"requestsPerSec": p["rps"]},
+        "paced": p,
+    }
 
 
 def strace_calls(path):
@@ -819,6 +866,19 @@ def peer_table(results, proxies):
     return md
 
 
+def sleep_overshoot(n=2000, us=200):
+    """How late a thread wakes from a short sleep on this machine, idle
+    (p50/p99/max µs): on a VM whose vCPUs halt when idle this alone can
+    reach a millisecond, and every p99 here includes such wake-ups."""
+    late = []
+    for _ in range(n):
+        t = time.perf_counter()
+        time.sleep(us / 1e6)
+        late.append((time.perf_counter() - t) * 1e6 - us)
+    late.sort()
+    return {"p50": late[n // 2], "p99": late[n * 99 // 100], "max": late[-1]}
+
+
 def cpu_bound_lines(results):
     """For the saturated keep-alive c=32 rows: with every core busy, the
     ratio a proxy can reach is about (client + upstream) / (client +
@@ -846,7 +906,8 @@ def target_checks(results):
     verdict "met", "missed" or "not measured" (a scenario left out by
     --only, --tunnels or --sse)."""
     rows = {r["scenario"]: r for r in results["scenarios"] if "skipped" not in r}
-    half = next((r for name, r in rows.items() if "half of max" in name), None)
+    half = next((r for name, r in rows.items() if name.endswith("(half of max)")), None)
+    paced = next((r for name, r in rows.items() if name.endswith("evenly paced")), None)
     out = []
 
     def check(target, value, ok, shown, missing="not measured"):
@@ -863,9 +924,16 @@ def target_checks(results):
         r = rows.get(name)
         v = r["added_p50_us"] if r else None
         check(f"{name}: added p50 ≤ 30 µs", v, lambda x: x <= 30, v is not None and f"{fmt(v)} µs")
-    v = half["keygate"]["p99_us"] if half else None
-    check("p99 < 1 ms at half of max load", v, lambda x: x < 1000,
-          v is not None and f"{v / 1000:.2f} ms (direct {half['direct']['p99_us'] / 1000:.2f} ms)")
+    # The verdict is the evenly paced run's (what "at half load" means);
+    # oha's bursty -q run is shown beside it.
+    def p99s(r):
+        return f"{r['keygate']['p99_us'] / 1000:.2f} ms (direct {r['direct']['p99_us'] / 1000:.2f} ms)"
+    judged = paced or half
+    v = judged["keygate"]["p99_us"] if judged else None
+    shown = v is not None and (
+        f"evenly paced: {p99s(paced)}; oha -q bursts: {p99s(half)}" if paced and half
+        else p99s(judged))
+    check("p99 < 1 ms at half of max load", v, lambda x: x < 1000, shown)
     r = rows.get("HTTP/1.1 keep-alive c=32")
     v = r["keygate"].get("kg_cpu_us_per_req") if r else None
     check("keygate CPU ≤ 15 µs per keep-alive request (h1 c=32)", v, lambda x: x <= 15,
@@ -976,7 +1044,8 @@ def main():
     world.perf_dir = Path(args.perf) if args.perf else None
     world.strace_dir = Path(args.strace) if args.strace else None
     world.keygate_args = args.keygate_arg
-    results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                           "sleep_overshoot_us": sleep_overshoot()},
                "seconds": secs, "rounds": args.rounds, "scenarios": []}
     try:
         world.certs()
@@ -1051,6 +1120,20 @@ def main():
             got = measure(world, ["keygate"], args.rounds, conc=32, seconds=secs, rate=rate)
             keygate_row(row, got)
             results["scenarios"].append(row)
+            # The same load with the requests evenly spaced (oha's -q sends
+            # them in bursts on 1 ms timer ticks; README "half load").
+            if world.paced_load.exists():
+                row = {"scenario": f"HTTP/1.1 c=32 at {rate} req/s (half of max), evenly paced"}
+                got = measure(world, ["keygate"], args.rounds, conc=32, seconds=secs, rate=rate,
+                              paced=True)
+                keygate_row(row, got)
+                d, k = row["direct"], row["keygate"]
+                log(f"{row['scenario']}: p99 direct {d['p99_us']:.0f} us, keygate "
+                    f"{k['p99_us']:.0f} us (pacing lag p99 {d['lag_p99_us']:.0f} / "
+                    f"{k['lag_p99_us']:.0f} us)")
+                results["scenarios"].append(row)
+            else:
+                log(f"{world.paced_load} not built: no evenly paced half-load run")
         sse = {"direct": sse_ttfb(world, False, args.sse), "keygate": sse_ttfb(world, True, args.sse)}
         if sse["direct"]:
             results["sse_ttfb"] = sse
@@ -1097,6 +1180,10 @@ def main():
     bound = cpu_bound_lines(results)
     if bound:
         md += bound + [""]
+    j = results["machine"]["sleep_overshoot_us"]
+    md += [f"Timer wake-up on the idle machine before the run (2,000 sleeps of 200 µs): late by "
+           f"p50 {fmt(j['p50'])} µs, p99 {fmt(j['p99'])} µs, max {fmt(j['max'])} µs. A p99 "
+           "latency under load cannot be much below what one wake-up costs here.", ""]
     if "sse_ttfb" in results:
         s = results["sse_ttfb"]
         md.append(f"SSE time to first event (after TLS, {s['direct']['requests']} samples): "

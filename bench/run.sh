@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 target=${CARGO_TARGET_DIR:-$root/target}
-cargo build --release --quiet --bin keygate --bin stream-upstream --bin tls-pipe
+cargo build --release --quiet --bin keygate --bin stream-upstream --bin tls-pipe --bin paced-load
 for tool in oha nginx openssl curl python3; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (see bench/README.md)" >&2; exit 2; }
 done
