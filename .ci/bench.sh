@@ -11,7 +11,7 @@ command -v oha >/dev/null || cargo install oha --locked --quiet
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-./bench/run.sh --quick --out "$out" --floor "${CARGO_TARGET_DIR:-$root/target}/release/tls-pipe"
+./bench/run.sh --quick --paced --out "$out" --floor "${CARGO_TARGET_DIR:-$root/target}/release/tls-pipe"
 python3 - "$out/latest.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
