@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bounded smoke of the benchmark harness (about a minute with a warm build):
 # builds the release binaries, runs every scenario for 1 s (the keep-alive
-# and HTTP/2 ones also through the tls-pipe floor) and checks that each one
+# and HTTP/2 ones also through the tls-pipe floor, the HTTP/1.1 ones through
+# its HTTP/1.1 model) and checks that each one
 # completed without errors. Needs oha (cargo install oha --locked),
 # nginx, openssl, curl, python3; installs oha and nginx when missing.
 set -euo pipefail
@@ -11,7 +12,8 @@ command -v oha >/dev/null || cargo install oha --locked --quiet
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-./bench/run.sh --quick --paced --out "$out" --floor "${CARGO_TARGET_DIR:-$root/target}/release/tls-pipe"
+pipe="${CARGO_TARGET_DIR:-$root/target}/release/tls-pipe"
+./bench/run.sh --quick --paced --out "$out" --floor "$pipe" --h1-model "$pipe"
 python3 - "$out/latest.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -20,11 +22,14 @@ for r in d["scenarios"]:
     if "skipped" in r:
         bad.append(f"{r['scenario']}: skipped: {r['skipped']}")
         continue
-    for leg in ("direct", "keygate", "floor"):
+    for leg in ("direct", "keygate", "floor", "h1-model"):
         x = r.get(leg)
         if x is None:
-            if leg == "floor" and r["scenario"].startswith("HTTP/") and "half" not in r["scenario"]:
+            peered = r["scenario"].startswith("HTTP/") and "half" not in r["scenario"]
+            if leg == "floor" and peered:
                 bad.append(f"{r['scenario']}: no run through the floor (tls-pipe)")
+            if leg == "h1-model" and peered and r["scenario"].startswith("HTTP/1.1"):
+                bad.append(f"{r['scenario']}: no run through the HTTP/1.1 model (tls-pipe HEADER)")
             continue
         if "skipped" in x:
             bad.append(f"{r['scenario']} {leg}: skipped: {x['skipped']}")

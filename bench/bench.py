@@ -331,6 +331,17 @@ http {{
             str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}"])
         return {"version": "tls-pipe (crates/test-support)"}
 
+    def h1_model(self, exe, wrap=()):
+        """tls-pipe with a header to inject: HTTP/1.1 only, each request head
+        parsed and rewritten with the real key, bodies forwarded by length;
+        a model of the cheapest HTTP/1.1 fast path (no auth, matching, audit)."""
+        w = self.work
+        self._peer("h1-model", "h1m", "tls-pipe-h1", wrap, lambda port: [
+            str(exe), f"127.0.0.1:{port}", str(w / "leaf.pem"), str(w / "leaf.key"),
+            str(self.ca), HOST, f"127.0.0.1:{self.nginx_port}",
+            f"Authorization: Bearer {SECRET}"])
+        return {"version": "tls-pipe HEADER (crates/test-support)", "http1_only": True}
+
     def _peer(self, name, key, what, wrap, argv):
         """Starts a peer proxy of ours (argv(port) is its command line; wrap,
         e.g. valgrind, goes in front), waits for its port and registers it
@@ -748,7 +759,7 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
         world.stream = None
         if peer:
             world.keygate()  # oha() reads keygate's pid when no peer is named
-            getattr(world, peer[0])(peer[1], wrap)
+            getattr(world, peer[0].replace("-", "_"))(peer[1], wrap)
         else:
             world.keygate_wrap = wrap
             world.keygate()
@@ -1006,6 +1017,11 @@ def main():
                          "--release --bin tls-pipe): a TLS-terminating byte pipe with no HTTP, "
                          "the floor of any intercepting proxy, in the keep-alive and HTTP/2 "
                          "scenarios")
+    ap.add_argument("--h1-model", default="", metavar="BIN",
+                    help="also measure tls-pipe with a header to inject (the same binary as "
+                         "--floor): HTTP/1.1 heads parsed and rewritten, bodies forwarded by "
+                         "length; a model of the cheapest HTTP/1.1 fast path, in the HTTP/1.1 "
+                         "keep-alive scenarios")
     ap.add_argument("--mitmproxy", action="store_true",
                     help="also measure mitmproxy (mitmdump + bench/mitm_inject.py) in the "
                          "keep-alive and HTTP/2 scenarios")
@@ -1016,7 +1032,8 @@ def main():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         peer = (("hudsucker", args.hudsucker) if args.hudsucker
-                else ("floor", args.floor) if args.floor else None)
+                else ("floor", args.floor) if args.floor
+                else ("h1-model", args.h1_model) if args.h1_model else None)
         prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out, peer)
         tag = callgrind_tag(args.callgrind_http2, peer)
         (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
@@ -1034,8 +1051,9 @@ def main():
             raise SystemExit(f"bench needs {tool} on PATH (see bench/README.md)")
     if args.hudsucker and not Path(args.hudsucker).is_file():
         raise SystemExit(f"--hudsucker {args.hudsucker}: no such file (see bench/README.md)")
-    if args.floor and not Path(args.floor).is_file():
-        raise SystemExit(f"--floor {args.floor}: no such file (see bench/README.md)")
+    for flag, path in (("--floor", args.floor), ("--h1-model", args.h1_model)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file (see bench/README.md)")
     if args.mitmproxy and not shutil.which("mitmdump"):
         raise SystemExit("--mitmproxy needs mitmdump on PATH: pip install mitmproxy "
                          "(see bench/README.md)")
@@ -1059,6 +1077,8 @@ def main():
             peers["hudsucker"] = world.hudsucker(args.hudsucker)
         if args.floor:
             peers["floor"] = world.floor(args.floor)
+        if args.h1_model:
+            peers["h1-model"] = world.h1_model(args.h1_model)
         if peers:
             results["peers"] = peers
         time.sleep(0.3)
@@ -1090,7 +1110,8 @@ def main():
             if args.only and args.only not in name:
                 continue
             row = {"scenario": name}
-            vias = ["keygate", *(peers if with_peers else ())]
+            vias = ["keygate", *(v for v, info in peers.items() if with_peers and not (
+                info.get("http1_only") and not name.startswith("HTTP/1.1")))]
             try:
                 got = measure(world, vias, args.rounds, **kw)
             except SystemExit as e:
