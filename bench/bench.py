@@ -393,11 +393,11 @@ def paced_cmd(world, px, url, conc, seconds, rate):
            "--connections", str(conc), "-H", "Authorization: Bearer placeholder"]
     if px:
         cmd += ["--proxy", px.addr, "--cacert", str(px.ca)]
-        # oha's --proxy-header arguments, as paced-load spells them
-        args = iter(px.oha_args)
-        for a in args:
-            if a == "--proxy-header":
-                cmd += ["--proxy-header", next(args)]
+        # the Proxy-Authorization value oha is given as a --proxy-header
+        for a in px.oha_args:
+            name, _, value = a.partition(":")
+            if name.strip().lower() == "proxy-authorization":
+                cmd += ["--proxy-auth", value.strip()]
     else:
         cmd += ["--connect-to", f"127.0.0.1:{world.nginx_port}", "--cacert", str(world.ca)]
     return cmd

@@ -42,12 +42,7 @@ pub async fn agent_tls(
     let tcp = connect_raw(proxy, authority, Some(&basic_auth(token)))
         .await
         .map_err(|e| format!("CONNECT refused: {} {}", e.status, e.head))?;
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
+    let roots = roots_from_pem(ca_pem.as_bytes())?;
     let mut config = ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -175,4 +170,15 @@ pub fn empty_body() -> AgentBody {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// A root store holding every certificate of a PEM bundle.
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(roots)
 }

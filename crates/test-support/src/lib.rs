@@ -12,7 +12,9 @@ mod streaming;
 mod tunnel;
 mod upstream;
 
-pub use agent::{agent_tls, empty_body, AgentBody, AgentConn, AgentProto, RepeatBody};
+pub use agent::{
+    agent_tls, empty_body, roots_from_pem, AgentBody, AgentConn, AgentProto, RepeatBody,
+};
 pub use handshake::handshake_in_memory;
 pub use keygate::Keygate;
 // Re-exported so tests build requests with the same versions.

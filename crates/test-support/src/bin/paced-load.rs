@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! paced-load --url https://HOST/PATH --rate R --seconds S --connections C
-//!            --cacert FILE [--proxy ADDR:PORT [--proxy-header "Name: value"]…]
+//!            --cacert FILE [--proxy ADDR:PORT [--proxy-auth VALUE]]
 //!            [--connect-to ADDR:PORT] [-H "Name: value"]…
 //! ```
 //!
@@ -33,7 +33,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -44,7 +43,7 @@ fn die(msg: String) -> ! {
 }
 
 const USAGE: &str = "usage: paced-load --url https://HOST/PATH --rate R --seconds S \
---connections C --cacert FILE [--proxy ADDR:PORT] [--proxy-header H]... \
+--connections C --cacert FILE [--proxy ADDR:PORT [--proxy-auth VALUE]] \
 [--connect-to ADDR:PORT] [-H H]...";
 
 /// The command line.
@@ -57,7 +56,8 @@ struct Opts {
     connections: usize,
     cacert: String,
     proxy: Option<SocketAddr>,
-    proxy_headers: Vec<String>,
+    /// The `Proxy-Authorization` value for the CONNECT.
+    proxy_auth: Option<String>,
     connect_to: Option<SocketAddr>,
     headers: Vec<(String, String)>,
 }
@@ -80,7 +80,7 @@ fn parse_opts(args: &[String]) -> Opts {
         connections: 1,
         cacert: String::new(),
         proxy: None,
-        proxy_headers: Vec::new(),
+        proxy_auth: None,
         connect_to: None,
         headers: Vec::new(),
     };
@@ -106,7 +106,7 @@ fn parse_opts(args: &[String]) -> Opts {
             "--connections" => o.connections = number("--connections") as usize,
             "--cacert" => o.cacert = v.clone(),
             "--proxy" => o.proxy = Some(addr()),
-            "--proxy-header" => o.proxy_headers.push(v.clone()),
+            "--proxy-auth" => o.proxy_auth = Some(v.clone()),
             "--connect-to" => o.connect_to = Some(addr()),
             "-H" => o.headers.push(split_header(v)),
             _ => die(format!("unknown option {flag}\n{USAGE}")),
@@ -144,46 +144,19 @@ impl Dialer {
     /// proxy's CONNECT tunnel when there is one.
     async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
         let o = &self.opts;
-        let addr = o.proxy.or(o.connect_to).expect("checked in parse_opts");
-        let mut tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        if o.proxy.is_some() {
-            let mut head = format!(
-                "CONNECT {h}:{p} HTTP/1.1\r\nHost: {h}:{p}\r\n",
-                h = o.host,
-                p = o.port
-            );
-            for h in &o.proxy_headers {
-                head.push_str(h);
-                head.push_str("\r\n");
+        let tcp = match (o.proxy, o.connect_to) {
+            (Some(proxy), _) => {
+                let authority = format!("{}:{}", o.host, o.port);
+                test_support::connect_raw(proxy, &authority, o.proxy_auth.as_deref())
+                    .await
+                    .map_err(|e| format!("CONNECT refused: {} {}", e.status, e.head))?
             }
-            head.push_str("\r\n");
-            tcp.write_all(head.as_bytes())
+            (None, Some(addr)) => TcpStream::connect(addr)
                 .await
-                .map_err(|e| e.to_string())?;
-            // The answer's head, byte by byte: nothing past it may be read
-            // before TLS starts.
-            let mut answer = Vec::new();
-            while !answer.ends_with(b"\r\n\r\n") {
-                if answer.len() > 16 * 1024 {
-                    return Err("CONNECT answer head over 16 KiB".into());
-                }
-                let b = tcp.read_u8().await.map_err(|e| format!("CONNECT: {e}"))?;
-                answer.push(b);
-            }
-            let status = answer.split(|&b| b == b' ').nth(1).unwrap_or_default();
-            if status != b"200" {
-                return Err(format!(
-                    "CONNECT refused: {}",
-                    String::from_utf8_lossy(&answer)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                ));
-            }
-        }
+                .map_err(|e| format!("connect {addr}: {e}"))?,
+            (None, None) => return Err("give --proxy or --connect-to".into()),
+        };
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let tls = self
             .tls
             .connect(self.name.clone(), tcp)
@@ -225,13 +198,8 @@ enum Outcome {
 
 fn tls_connector(cacert: &str) -> TlsConnector {
     let pem = std::fs::read(cacert).unwrap_or_else(|e| die(format!("{cacert}: {e}")));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let c = c.unwrap_or_else(|e| die(format!("{cacert}: {e}")));
-        roots
-            .add(c)
-            .unwrap_or_else(|e| die(format!("{cacert}: {e}")));
-    }
+    let roots =
+        test_support::roots_from_pem(&pem).unwrap_or_else(|e| die(format!("{cacert}: {e}")));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

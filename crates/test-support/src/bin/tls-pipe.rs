@@ -321,13 +321,8 @@ fn main() {
     };
     server.ignore_client_order = true;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut read(upstream_ca).as_slice()) {
-        let c = c.unwrap_or_else(|e| die(format!("{upstream_ca}: {e}")));
-        roots
-            .add(c)
-            .unwrap_or_else(|e| die(format!("{upstream_ca}: {e}")));
-    }
+    let roots = test_support::roots_from_pem(&read(upstream_ca))
+        .unwrap_or_else(|e| die(format!("{upstream_ca}: {e}")));
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|e| die(format!("TLS: {e}")))
