@@ -424,10 +424,12 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
         strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(strace_out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # attached to every thread before the load starts
-    if via == "keygate" and getattr(world, "perf_dir", None):
+    if via and getattr(world, "perf_dir", None):
         world.perf_dir.mkdir(parents=True, exist_ok=True)
+        # keygate's file keeps its old name; a peer's is named after it.
+        name = f"perf-{tag}.data" if via == "keygate" else f"perf-{via}-{tag}.data"
         perf = subprocess.Popen(["perf", "record", "-q", "-F", os.environ.get("PERF_FREQ", "2999"), "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"), "-p", str(pid),
-                                 "-o", str(world.perf_dir / f"perf-{tag}.data")],
+                                 "-o", str(world.perf_dir / name)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
     up0 = world.upstream_cpu()
@@ -909,6 +911,41 @@ def cpu_bound_lines(results):
     return lines
 
 
+def leg_cpu_us_per_req(x):
+    """Client + nginx + proxy CPU per request of one leg of a scenario
+    (direct: client + nginx); None when a part was not measured."""
+    parts = [x.get("client_cpu_us_per_req"), x.get("upstream_cpu_us_per_req")]
+    parts += [v for k, v in x.items() if k.endswith("_cpu_us_per_req") and k not in
+              ("client_cpu_us_per_req", "upstream_cpu_us_per_req",
+               "kg_audit_cpu_us_per_req", "kg_proxy_cpu_us_per_req")]
+    return None if any(v is None for v in parts) else sum(parts)
+
+
+def busy_lines(results):
+    """For the c=32 rows: how many cores the client, nginx and the proxy
+    kept busy together (CPU per request × requests per second). A ratio
+    below the CPU-bound estimate with cores left idle means the requests
+    waited on each other (a single-threaded stage, batching), not on CPU."""
+    lines = []
+    cores = results["machine"]["cpus"]
+    for r in results["scenarios"]:
+        if "skipped" in r or "c=32" not in r["scenario"] or "half" in r["scenario"]:
+            continue
+        legs = [("direct", r["direct"]), ("keygate", r["keygate"])]
+        legs += [(v, r[v]) for v in results.get("peers", {}) if v in r and "skipped" not in r[v]]
+        shown = []
+        for via, x in legs:
+            cpu = leg_cpu_us_per_req(x)
+            if cpu is None:
+                continue
+            x["cores_busy"] = cpu * x["rps"] / 1e6
+            shown.append(f"{via} {x['cores_busy']:.2f} ({fmt(cpu)} µs/req)")
+        if shown:
+            lines.append(f"{r['scenario']}, cores busy of {cores} (client + nginx + proxy CPU "
+                         f"× req/s): " + ", ".join(shown) + ".")
+    return lines
+
+
 MB = 1_000_000 / 1024 / 1024  # MiB per MB: issue 5 states memory in MB
 
 
@@ -993,7 +1030,8 @@ def main():
     ap.add_argument("--only", default="", help="run scenarios whose name contains this")
     ap.add_argument("--perf", default="",
                     help="directory: record a perf profile of keygate during each "
-                         "through-keygate run (perf-<scenario>.data)")
+                         "through-keygate run (perf-<scenario>.data), and of each peer "
+                         "during its runs (perf-<peer>-<scenario>.data)")
     ap.add_argument("--strace", default="", metavar="DIR",
                     help="directory: count keygate's system calls (strace -c -f) during each "
                          "through-keygate run and report them per request (strace-<scenario>.txt); "
@@ -1173,6 +1211,7 @@ def main():
 
     results["targets"] = [{"target": t, "measured": m, "verdict": v}
                           for t, m, v in target_checks(results)]
+    busy = busy_lines(results)  # also stores each c=32 leg's cores_busy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -1198,7 +1237,7 @@ def main():
             f"({fmt(k.get('kg_audit_cpu_us_per_req'))}) | {fmt(d.get('upstream_cpu_us_per_req'))} "
             f"| {d['errors'] + d['non_2xx']} / {k['errors'] + k['non_2xx']} |")
     md.append("")
-    bound = cpu_bound_lines(results)
+    bound = cpu_bound_lines(results) + busy
     if bound:
         md += bound + [""]
     j = results["machine"]["sleep_overshoot_us"]
