@@ -737,16 +737,32 @@ def callgrind_self_cost(path):
                 if after_calls:
                     after_calls = False
                     continue
+                # position, then the events in order (Ir first; with
+                # --cache-sim the miss counts follow, trailing zeros left out)
                 parts = line.split()
-                if len(parts) >= 2 and parts[-1].isdigit():
-                    cost[fn] = cost.get(fn, 0) + int(parts[-1])
+                if len(parts) >= 2 and parts[1].isdigit():
+                    cost[fn] = cost.get(fn, 0) + int(parts[1])
     return cost
 
 
-def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
+def callgrind_summary(path):
+    """The dump's whole-thread totals by event name (its `events:` and
+    `summary:` lines)."""
+    events, summary = [], []
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("summary:"):
+                summary = [int(v) for v in line.split()[1:]]
+    return dict(zip(events, summary + [0] * (len(events) - len(summary))))
+
+
+def callgrind_profile(bindir, requests, http2, out_dir, peer=None, cache_sim=False):
     """keygate (or peer: (name, binary), a World method's name) under
     callgrind: instructions (user space only, repeatable for the same binary
-    and inputs) per keep-alive request, by component."""
+    and inputs) per keep-alive request, by component; with cache_sim also
+    the simulated L1 misses per request of each thread."""
     if not shutil.which("valgrind"):
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
     work = tempfile.mkdtemp(prefix="keygate-callgrind-")
@@ -754,6 +770,8 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
     world = World(bindir, work)
     wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
             "--dump-instr=no", "--collect-atstart=yes", "--separate-threads=yes"]
+    if cache_sim:
+        wrap.append("--cache-sim=yes")
     via = peer[0] if peer else "keygate"
     try:
         world.certs()
@@ -777,10 +795,16 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
             raise SystemExit(f"callgrind wrote no dump in {work}")
         self_cost = {}
         threads = {}  # role -> instructions
+        misses = {}  # role -> {event: count}, with --cache-sim
         for i, dump in enumerate(dumps):
             cost = callgrind_self_cost(dump)
             role = callgrind_thread_role(cost)
             threads[role] = threads.get(role, 0) + sum(cost.values())
+            if cache_sim:
+                m = misses.setdefault(role, {})
+                for ev, v in callgrind_summary(dump).items():
+                    if ev in ("I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw"):
+                        m[ev] = m.get(ev, 0) + v
             for name, ir in cost.items():
                 self_cost[name] = self_cost.get(name, 0) + ir
             shutil.copy(dump, Path(out_dir) / f"{callgrind_tag(http2, peer)}.out-{i + 1:02}")
@@ -797,7 +821,9 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None):
             "ir_per_req": total / requests,
             "threads": {r: v / requests for r, v in sorted(threads.items(), key=lambda x: -x[1])},
             "groups": {g: v / requests for g, v in sorted(groups.items(), key=lambda x: -x[1])},
-            "top": [(n[:140], ir / requests) for ir, n in top[:25]]}
+            "top": [(n[:140], ir / requests) for ir, n in top[:25]],
+            "misses_per_req": {r: {ev: v / requests for ev, v in m.items()}
+                               for r, m in misses.items()}}
 
 
 def callgrind_thread_role(cost):
@@ -825,6 +851,15 @@ def callgrind_markdown(prof):
     md += ["", "| thread | instructions / request | share |", "|---|---:|---:|"]
     for r, v in prof["threads"].items():
         md.append(f"| {r} | {fmt(v)} | {100 * v / prof['ir_per_req']:.1f} % |")
+    if prof.get("misses_per_req"):
+        md += ["", "Simulated cache misses per request (valgrind's model of this CPU's "
+               "L1 caches; LL is the last level):", "",
+               "| thread | L1i misses | L1d read misses | L1d write misses | LL misses |",
+               "|---|---:|---:|---:|---:|"]
+        for r, m in prof["misses_per_req"].items():
+            ll = m.get("ILmr", 0) + m.get("DLmr", 0) + m.get("DLmw", 0)
+            md.append(f"| {r} | {fmt(m.get('I1mr', 0))} | {fmt(m.get('D1mr', 0))} "
+                      f"| {fmt(m.get('D1mw', 0))} | {fmt(ll)} |")
     md += ["", "| top functions (self) | instructions / request |", "|---|---:|"]
     for name, v in prof["top"]:
         md.append(f"| `{name.replace('|', '/')}` | {fmt(v)} |")
@@ -1046,6 +1081,9 @@ def main():
                          "timing noise)")
     ap.add_argument("--callgrind-http2", action="store_true",
                     help="with --callgrind: HTTP/2 inside the tunnel")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="with --callgrind: also simulate the caches (valgrind --cache-sim=yes) "
+                         "and report L1 instruction and data misses per request")
     ap.add_argument("--hudsucker", default="", metavar="BIN",
                     help="also measure a bare hudsucker interceptor (bench/peers/hudsucker, built "
                          "with cargo build --release --manifest-path "
@@ -1072,7 +1110,8 @@ def main():
         peer = (("hudsucker", args.hudsucker) if args.hudsucker
                 else ("floor", args.floor) if args.floor
                 else ("h1-model", args.h1_model) if args.h1_model else None)
-        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out, peer)
+        prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out, peer,
+                                 args.cache_sim)
         tag = callgrind_tag(args.callgrind_http2, peer)
         (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
         md = callgrind_markdown(prof)
