@@ -946,21 +946,12 @@ def cpu_bound_lines(results):
     return lines
 
 
-def leg_cpu_us_per_req(x):
-    """Client + nginx + proxy CPU per request of one leg of a scenario
-    (direct: client + nginx); None when a part was not measured."""
-    parts = [x.get("client_cpu_us_per_req"), x.get("upstream_cpu_us_per_req")]
-    parts += [v for k, v in x.items() if k.endswith("_cpu_us_per_req") and k not in
-              ("client_cpu_us_per_req", "upstream_cpu_us_per_req",
-               "kg_audit_cpu_us_per_req", "kg_proxy_cpu_us_per_req")]
-    return None if any(v is None for v in parts) else sum(parts)
-
-
-def busy_lines(results):
+def busy_lines(results, proxies):
     """For the c=32 rows: how many cores the client, nginx and the proxy
-    kept busy together (CPU per request × requests per second). A ratio
-    below the CPU-bound estimate with cores left idle means the requests
-    waited on each other (a single-threaded stage, batching), not on CPU."""
+    kept busy together (CPU per request × requests per second), stored as
+    each leg's `cores_busy` and returned as lines. A ratio below the
+    CPU-bound estimate with cores left idle means the requests waited on
+    each other (a single-threaded stage, batching), not on CPU."""
     lines = []
     cores = results["machine"]["cpus"]
     for r in results["scenarios"]:
@@ -970,9 +961,12 @@ def busy_lines(results):
         legs += [(v, r[v]) for v in results.get("peers", {}) if v in r and "skipped" not in r[v]]
         shown = []
         for via, x in legs:
-            cpu = leg_cpu_us_per_req(x)
-            if cpu is None:
+            parts = [x.get("client_cpu_us_per_req"), x.get("upstream_cpu_us_per_req")]
+            if via != "direct":
+                parts.append(x.get(proxies[via].key + "_cpu_us_per_req"))
+            if None in parts:
                 continue
+            cpu = sum(parts)
             x["cores_busy"] = cpu * x["rps"] / 1e6
             shown.append(f"{via} {x['cores_busy']:.2f} ({fmt(cpu)} µs/req)")
         if shown:
@@ -1250,7 +1244,7 @@ def main():
 
     results["targets"] = [{"target": t, "measured": m, "verdict": v}
                           for t, m, v in target_checks(results)]
-    busy = busy_lines(results)  # also stores each c=32 leg's cores_busy
+    busy = busy_lines(results, world.proxies)  # before the JSON: it stores cores_busy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
