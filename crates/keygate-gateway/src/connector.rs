@@ -52,23 +52,46 @@ impl UpstreamConnector {
     /// a connection that will be upgraded (WebSocket).
     pub async fn connect_http1(&self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
         let tls = self.tls_http1.clone();
-        self.clone().dial(uri, tls).await
+        self.clone()
+            .dial(uri, tls)
+            .await
+            .map_err(DialError::into_gateway)
+    }
+
+    /// Dials the destination over TLS offering only HTTP/1.1, for the
+    /// HTTP/1.1 fast path; tells apart an upstream that refuses HTTP/1.1.
+    pub(crate) async fn connect_http1_only(
+        &self,
+        dest: &crate::forward::Destination,
+    ) -> Result<TlsStream<TcpStream>, DialError> {
+        let uri = Uri::try_from(dest.https_uri("/", None)).map_err(|_| {
+            DialError::Failed(GatewayError::new(
+                ErrorCode::BadRequest,
+                "invalid destination",
+            ))
+        })?;
+        match self.clone().dial(uri, self.tls_http1.clone()).await? {
+            UpstreamStream::Tls(tls) => Ok(tls.into_inner()),
+            UpstreamStream::Plain(_) => Err(DialError::Failed(GatewayError::new(
+                ErrorCode::Internal,
+                "plain connection for an https destination",
+            ))),
+        }
     }
 
     async fn connect(self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
         let tls = self.tls.clone();
-        self.dial(uri, tls).await
+        self.dial(uri, tls).await.map_err(DialError::into_gateway)
     }
 
-    async fn dial(self, uri: Uri, connector: TlsConnector) -> Result<UpstreamStream, GatewayError> {
+    async fn dial(self, uri: Uri, connector: TlsConnector) -> Result<UpstreamStream, DialError> {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => {
-                return Err(GatewayError::new(
-                    ErrorCode::BadRequest,
-                    "unsupported upstream scheme",
-                ))
+                return Err(
+                    GatewayError::new(ErrorCode::BadRequest, "unsupported upstream scheme").into(),
+                )
             }
         };
         let host = uri
@@ -96,7 +119,8 @@ impl UpstreamConnector {
                     "upstream {host}:{port} unreachable: {}",
                     last_err.unwrap_or_default()
                 ),
-            ));
+            )
+            .into());
         };
         let _ = tcp.set_nodelay(true);
         if !https {
@@ -118,21 +142,52 @@ impl UpstreamConnector {
     }
 }
 
+/// Why a dial failed.
+pub(crate) enum DialError {
+    /// The upstream refused every protocol offered (ALPN): offered only
+    /// HTTP/1.1, it speaks HTTP/2 only.
+    NoHttp1,
+    Failed(GatewayError),
+}
+
+impl From<GatewayError> for DialError {
+    fn from(e: GatewayError) -> DialError {
+        DialError::Failed(e)
+    }
+}
+
+impl DialError {
+    fn into_gateway(self) -> GatewayError {
+        match self {
+            DialError::Failed(e) => e,
+            DialError::NoHttp1 => GatewayError::new(
+                ErrorCode::UpstreamUnreachable,
+                "the upstream does not speak HTTP/1.1",
+            ),
+        }
+    }
+}
+
 /// Maps a TLS handshake failure to a message that names the cause.
-fn tls_error(host: &str, port: u16, e: io::Error) -> GatewayError {
-    if let Some(rustls::Error::InvalidCertificate(cert)) = e
+fn tls_error(host: &str, port: u16, e: io::Error) -> DialError {
+    let cause = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) =
+        cause
     {
-        return GatewayError::new(
+        return DialError::NoHttp1;
+    }
+    if let Some(rustls::Error::InvalidCertificate(cert)) = cause {
+        return DialError::Failed(GatewayError::new(
             ErrorCode::UpstreamCertificate,
             format!("certificate of upstream {host}:{port} failed verification: {cert:?}"),
-        );
+        ));
     }
-    GatewayError::new(
+    DialError::Failed(GatewayError::new(
         ErrorCode::UpstreamUnreachable,
         format!("TLS handshake with upstream {host}:{port} failed: {e}"),
-    )
+    ))
 }
 
 impl tower_service::Service<Uri> for UpstreamConnector {

@@ -434,6 +434,89 @@ fn inject(
     Ok(names)
 }
 
+/// What [`admit`] found: who the agent is and the path credentials are
+/// matched against.
+pub(crate) struct Admitted {
+    pub agent: Arc<AgentEntry>,
+    /// The normalised path, or the raw one when it cannot be normalised and
+    /// no credential could apply (then nothing is selected).
+    pub path: String,
+    pub matchable: bool,
+}
+
+/// The checks every credentialed request passes before its head is
+/// rewritten: re-authentication (revocation takes effect on the next
+/// request, even inside a tunnel), Host check, path normalisation. On
+/// refusal: the agent's name (when known) and the error.
+pub(crate) fn admit<B>(
+    shared: &Shared,
+    dest: &Destination,
+    token_hash: Option<&TokenHash>,
+    req: &Request<B>,
+) -> Result<Admitted, (Option<String>, GatewayError)> {
+    let agent: Arc<AgentEntry> =
+        auth::authenticate(&shared.snapshot.load(), token_hash).map_err(|err| (None, err))?;
+    if let Err(err) = check_host(req, dest) {
+        return Err((Some(agent.name.clone()), err));
+    }
+    let raw_path = req.uri().path();
+    match normalize_path(raw_path) {
+        Ok(path) => Ok(Admitted {
+            agent,
+            path,
+            matchable: true,
+        }),
+        Err(e) => {
+            let rules = agent.grants.iter().map(|s| s.as_ref());
+            if any_host_match(rules, &dest.host, dest.port, false) {
+                let code = match e {
+                    keygate_core::PathError::Ambiguous(_) => ErrorCode::PathAmbiguous,
+                    keygate_core::PathError::Invalid(_) => ErrorCode::BadRequest,
+                };
+                let err = GatewayError::new(code, format!("request path refused: {e}"));
+                return Err((Some(agent.name.clone()), err));
+            }
+            // No credential could apply: forward exactly what was sent.
+            Ok(Admitted {
+                path: raw_path.to_string(),
+                agent,
+                matchable: false,
+            })
+        }
+    }
+}
+
+/// Rewrites an admitted request head for the upstream: absolute URI with
+/// the checked destination and path, hop-by-hop headers and Host removed
+/// (`te: trailers` kept), the selected credentials injected. Returns the
+/// names of the injected secrets.
+pub(crate) fn rewrite(
+    shared: &Shared,
+    dest: &Destination,
+    admitted: &Admitted,
+    parts: &mut http::request::Parts,
+) -> Result<Vec<String>, GatewayError> {
+    parts.uri = Uri::try_from(dest.https_uri(&admitted.path, parts.uri.query()))
+        .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "invalid request target"))?;
+    let te_trailers = keeps_te_trailers(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI,
+    // which names the destination we checked.
+    parts.headers.remove(header::HOST);
+    let selected = if admitted.matchable {
+        let rules = admitted.agent.grants.iter().map(|s| s.as_ref());
+        select(rules, &dest.host, dest.port, &admitted.path)
+    } else {
+        Vec::new()
+    };
+    inject(shared, &mut parts.headers, &selected)
+}
+
 /// A request inside a tunnel (or an absolute-form `https://` request): the
 /// credentialed path.
 pub(crate) async fn forward_https(
@@ -443,36 +526,11 @@ pub(crate) async fn forward_https(
     mut req: Request<Incoming>,
     log: RequestLog,
 ) -> Response<Body> {
-    // Revocation takes effect on the next request, even inside a tunnel.
-    let agent: Arc<AgentEntry> =
-        match auth::authenticate(&shared.snapshot.load(), token_hash.as_ref()) {
-            Ok(a) => a,
-            Err(err) => return refuse(shared, log, None, &err).await,
-        };
-    let name = Some(agent.name.clone());
-    if let Err(err) = check_host(&req, dest) {
-        return refuse(shared, log, name, &err).await;
-    }
-    let rules = agent.grants.iter().map(|s| s.as_ref());
-    let raw_path = req.uri().path();
-    let (path, selected) = match normalize_path(raw_path) {
-        Ok(p) => {
-            let selected = select(rules, &dest.host, dest.port, &p);
-            (p, selected)
-        }
-        Err(e) => {
-            if any_host_match(rules, &dest.host, dest.port, false) {
-                let code = match e {
-                    keygate_core::PathError::Ambiguous(_) => ErrorCode::PathAmbiguous,
-                    keygate_core::PathError::Invalid(_) => ErrorCode::BadRequest,
-                };
-                let err = GatewayError::new(code, format!("request path refused: {e}"));
-                return refuse(shared, log, name, &err).await;
-            }
-            // No credential could apply: forward exactly what was sent.
-            (raw_path.to_string(), Vec::new())
-        }
+    let admitted = match admit(shared, dest, token_hash.as_ref(), &req) {
+        Ok(a) => a,
+        Err((name, err)) => return refuse(shared, log, name, &err).await,
     };
+    let name = Some(admitted.agent.name.clone());
     // An Upgrade (WebSocket) takes the agent's connection over once both
     // sides switch protocols; an HTTP/2 extended CONNECT takes the stream.
     let upgrade = if req.method() == Method::CONNECT {
@@ -488,24 +546,7 @@ pub(crate) async fn forward_https(
         upgrade_wanted(&req).map(|p| (AgentSide::Http1Upgrade, p, hyper::upgrade::on(&mut req)))
     };
     let (mut parts, body) = req.into_parts();
-    parts.uri = match Uri::try_from(dest.https_uri(&path, parts.uri.query())) {
-        Ok(u) => u,
-        Err(_) => {
-            let err = GatewayError::new(ErrorCode::BadRequest, "invalid request target");
-            return refuse(shared, log, name, &err).await;
-        }
-    };
-    let te_trailers = keeps_te_trailers(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers);
-    if te_trailers {
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI,
-    // which names the destination we checked.
-    parts.headers.remove(header::HOST);
-    let injected = match inject(shared, &mut parts.headers, &selected) {
+    let injected = match rewrite(shared, dest, &admitted, &mut parts) {
         Ok(n) => n,
         Err(err) => return refuse(shared, log, name, &err).await,
     };

@@ -30,6 +30,7 @@ pub mod connector;
 mod deadline;
 pub mod egress;
 pub mod error;
+mod fast_h1;
 mod forward;
 pub mod proxy;
 pub mod tls;
@@ -92,6 +93,9 @@ pub struct GatewayConfig {
     pub max_header_bytes: usize,
     /// Leaf certificates kept in memory.
     pub leaf_cache_size: usize,
+    /// Serve plain HTTP/1.1 requests inside tunnels with keygate's own
+    /// HTTP/1.1 path (fast_h1) instead of hyper's server and pooled client.
+    pub http1_fast_path: bool,
 }
 
 impl Default for GatewayConfig {
@@ -108,6 +112,7 @@ impl Default for GatewayConfig {
             upgrade_idle_timeout: Duration::from_secs(300),
             max_header_bytes: 64 * 1024,
             leaf_cache_size: 1024,
+            http1_fast_path: true,
         }
     }
 }
@@ -123,6 +128,8 @@ pub(crate) struct Shared {
     /// The client's connector, for upgraded (WebSocket) connections that
     /// are not pooled.
     pub connector: UpstreamConnector,
+    /// Idle upstream connections of the HTTP/1.1 fast path.
+    pub fast_h1: fast_h1::Pool,
     /// Flips to `true` when the gateway stops: connections finish their
     /// in-flight requests and close.
     pub closing: watch::Sender<bool>,
@@ -167,6 +174,7 @@ impl Gateway {
                 guard,
                 client,
                 connector,
+                fast_h1: fast_h1::Pool::default(),
                 closing,
                 audit,
                 config,

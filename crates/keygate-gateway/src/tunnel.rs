@@ -68,7 +68,29 @@ pub(crate) async fn run(
         }
     };
 
-    let dest = Arc::new(dest);
+    let agent_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    if !agent_h2 && shared.config.http1_fast_path && !shared.fast_h1.http2_only(&dest) {
+        match crate::fast_h1::serve(&shared, &dest, token_hash, tls).await {
+            crate::fast_h1::End::Closed => {}
+            crate::fast_h1::End::HandOff(rest) => {
+                serve_with_hyper(shared, Arc::new(dest), token_hash, rest).await
+            }
+        }
+        return;
+    }
+    serve_with_hyper(shared, Arc::new(dest), token_hash, tls).await
+}
+
+/// Serves the tunnel's requests with hyper (HTTP/1.1 or HTTP/2, by what
+/// the agent speaks), each forwarded by [`forward::forward_https`].
+async fn serve_with_hyper<S>(
+    shared: Arc<Shared>,
+    dest: Arc<Destination>,
+    token_hash: TokenHash,
+    io: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
@@ -95,7 +117,7 @@ pub(crate) async fn run(
         .enable_connect_protocol()
         .keep_alive_interval(Some(shared.config.header_read_timeout))
         .keep_alive_timeout(shared.config.handshake_timeout);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = shared.closing.subscribe();
     let result = tokio::select! {

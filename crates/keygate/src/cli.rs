@@ -115,6 +115,13 @@ pub struct ServeArgs {
     /// SIGTERM/SIGINT.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// Serve plain HTTP/1.1 requests inside tunnels with keygate's own
+    /// HTTP/1.1 path (faster); `false` sends every request through hyper's
+    /// server and pooled client. Unusual requests (chunked uploads,
+    /// Expect, Upgrade, HTTP/1.0) and HTTP/2 take hyper's path either way.
+    #[arg(long, env = "KEYGATE_HTTP1_FAST_PATH", value_name = "BOOL",
+          default_value_t = true, action = clap::ArgAction::Set)]
+    pub http1_fast_path: bool,
     /// Worker threads for the proxy and admin listeners (default: one per
     /// CPU core but one, at least one). 1 runs everything on a single
     /// thread (the default on a machine with one or two cores).

@@ -205,6 +205,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs, workers: usize) -> Re
         response_timeout: Duration::from_secs(args.response_timeout.max(1)),
         total_timeout: (args.total_timeout > 0).then(|| Duration::from_secs(args.total_timeout)),
         upgrade_idle_timeout: Duration::from_secs(args.upgrade_idle_timeout.max(1)),
+        http1_fast_path: args.http1_fast_path,
         ..GatewayConfig::default()
     };
     let gateway = Gateway::new(

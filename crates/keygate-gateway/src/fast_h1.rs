@@ -1,0 +1,1302 @@
+//! The HTTP/1.1 fast path inside a tunnel (docs/http1-fast-path.md).
+//!
+//! hyper's server and pooled client cost most of keygate's time per
+//! request (bench/README.md). For the common case (an HTTP/1.1 agent
+//! sending plain requests with a `Content-Length` body or none) this module
+//! reads the head itself, runs the same stages as every request
+//! ([`forward::admit`], [`forward::rewrite`]: re-authentication, Host
+//! check, path normalisation, selection, injection), writes the rewritten
+//! head and the body to a pooled HTTP/1.1 upstream connection and relays
+//! the response, all in the tunnel's own task.
+//!
+//! Anything else (a head that does not parse or is too large, HTTP/1.0, a
+//! chunked or `Expect`ing request, an `Upgrade`, an unusual method or
+//! `Connection`) is handed, with the bytes already read, to hyper's
+//! HTTP/1.1 server for the rest of the connection: it answers or refuses
+//! it as it always has. So is a destination that will not speak HTTP/1.1
+//! (an HTTP/2-only upstream): it is remembered and served by hyper's client.
+//!
+//! Responses: no body for HEAD, 1xx, 204 and 304; a `Content-Length` body
+//! is counted; a chunked body is parsed only for its end and forwarded as
+//! it comes (SSE stays streaming); a body framed by neither is read to the
+//! upstream's close and the agent's connection is closed after it. A
+//! malformed or ambiguous response head is a 502 and the upstream
+//! connection is dropped. A request is never sent twice.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use keygate_core::{Decision, ErrorCode, TokenHash};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant as Deadline;
+use tokio_rustls::client::TlsStream;
+
+use crate::connector::DialError;
+use crate::forward::{self, Destination, RequestLog};
+use crate::{Body, GatewayError, Shared};
+
+/// Most headers a request or response head may have (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Idle upstream connections kept per destination.
+const POOL_PER_DESTINATION: usize = 64;
+/// Read size for heads and bodies.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// An upstream connection speaking HTTP/1.1.
+type Upstream = TlsStream<TcpStream>;
+
+/// Idle HTTP/1.1 upstream connections, and the destinations that refused
+/// HTTP/1.1 (served by hyper's client instead).
+#[derive(Default)]
+pub(crate) struct Pool {
+    inner: Mutex<PoolInner>,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: HashMap<(String, u16), Vec<(Instant, Upstream)>>,
+    http2_only: std::collections::HashSet<(String, u16)>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        // A panic elsewhere while holding the lock leaves plain data behind.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this destination is known to refuse HTTP/1.1.
+    pub fn http2_only(&self, dest: &Destination) -> bool {
+        let inner = self.lock();
+        !inner.http2_only.is_empty() && inner.http2_only.contains(&key(dest))
+    }
+
+    fn mark_http2_only(&self, dest: &Destination) {
+        self.lock().http2_only.insert(key(dest));
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn take(&self, dest: &Destination, max_idle: std::time::Duration) -> Option<Upstream> {
+        loop {
+            let (since, mut up) = {
+                let mut inner = self.lock();
+                inner.idle.get_mut(&(dest.host.clone(), dest.port))?.pop()?
+            };
+            if since.elapsed() < max_idle && still_open(&mut up) {
+                return Some(up);
+            }
+        }
+    }
+
+    fn put(&self, dest: &Destination, up: Upstream, max_idle: std::time::Duration) {
+        let mut inner = self.lock();
+        let list = inner.idle.entry(key(dest)).or_default();
+        list.retain(|(since, _)| since.elapsed() < max_idle);
+        if list.len() < POOL_PER_DESTINATION {
+            list.push((Instant::now(), up));
+        }
+    }
+}
+
+fn key(dest: &Destination) -> (String, u16) {
+    (dest.host.clone(), dest.port)
+}
+
+/// An idle connection is still usable if reading it would block: no close,
+/// no error, and no unexpected bytes.
+fn still_open(up: &mut Upstream) -> bool {
+    let waker = futures_util::task::noop_waker_ref();
+    let mut cx = Context::from_waker(waker);
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(Pin::new(up).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+/// How a tunnel's fast path ended.
+pub(crate) enum End<S> {
+    /// The connection is finished (closed, failed or shut down).
+    Closed,
+    /// Serve the rest of the connection with hyper, replaying `read` first.
+    HandOff(Rewind<S>),
+}
+
+/// The agent's connection with bytes already read put back in front.
+pub(crate) struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A parsed request head that the fast path serves.
+struct Head {
+    req: Request<()>,
+    framed: Framed,
+}
+
+/// Where a request ends in the agent's stream.
+#[derive(Debug, Clone, Copy)]
+struct Framed {
+    /// Bytes of the head still in the agent's buffer (0 once consumed).
+    len: usize,
+    /// Body bytes not yet read from the agent.
+    body_len: u64,
+    /// The agent asked to close after this exchange.
+    close: bool,
+}
+
+/// Why a head is not served here.
+enum NotHere {
+    /// More bytes are needed to decide.
+    Partial,
+    /// hyper serves it (and everything after it on this connection).
+    HandOff,
+}
+
+/// Methods served here; anything else (CONNECT, TRACE, extensions) goes to
+/// hyper.
+fn plain_method(m: &str) -> Option<Method> {
+    Some(match m {
+        "GET" => Method::GET,
+        "POST" => Method::POST,
+        "HEAD" => Method::HEAD,
+        "PUT" => Method::PUT,
+        "PATCH" => Method::PATCH,
+        "DELETE" => Method::DELETE,
+        "OPTIONS" => Method::OPTIONS,
+        _ => return None,
+    })
+}
+
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Parses an agent's request head at the start of `buf` and decides
+/// whether this path serves it.
+fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(NotHere::Partial),
+        // hyper answers malformed and oversized heads as it always has.
+        Err(_) => return Err(NotHere::HandOff),
+    };
+    if parsed.version != Some(1) {
+        return Err(NotHere::HandOff);
+    }
+    let method = parsed
+        .method
+        .and_then(plain_method)
+        .ok_or(NotHere::HandOff)?;
+    let target = parsed.path.ok_or(NotHere::HandOff)?;
+    if !target.starts_with('/') {
+        return Err(NotHere::HandOff);
+    }
+    let uri = Uri::try_from(target).map_err(|_| NotHere::HandOff)?;
+    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    let mut body_len = None;
+    let mut close = false;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| NotHere::HandOff)?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| NotHere::HandOff)?;
+        if name == header::CONTENT_LENGTH {
+            if body_len.is_some() {
+                return Err(NotHere::HandOff);
+            }
+            body_len = Some(digits(h.value).ok_or(NotHere::HandOff)?);
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return Err(NotHere::HandOff);
+        } else if name == header::TE {
+            if !h.value.eq_ignore_ascii_case(b"trailers") {
+                return Err(NotHere::HandOff);
+            }
+        } else if name == header::CONNECTION {
+            if h.value.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !h.value.eq_ignore_ascii_case(b"keep-alive") {
+                return Err(NotHere::HandOff);
+            }
+        }
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = map;
+    Ok(Head {
+        req,
+        framed: Framed {
+            len,
+            body_len: body_len.unwrap_or(0),
+            close,
+        },
+    })
+}
+
+/// The request head written upstream: origin-form target, Host first.
+fn upstream_head(dest: &Destination, parts: &http::request::Parts) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    if dest.port == 443 {
+        out.extend_from_slice(dest.authority_without_port().as_bytes());
+    } else {
+        out.extend_from_slice(dest.authority().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes.
+    Close,
+}
+
+/// A parsed upstream response head.
+#[derive(Debug)]
+struct ResponseHead {
+    status: u16,
+    /// The head to write to the agent (hop-by-hop headers removed).
+    out: Vec<u8>,
+    len: usize,
+    framing: Framing,
+    /// The upstream will close after this response.
+    upstream_closes: bool,
+}
+
+/// Parses an upstream response head at the start of `buf`. `Ok(None)`:
+/// incomplete.
+fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed response head: {e}")),
+    };
+    let status = parsed.code.ok_or("response without a status")?;
+    let code = http::StatusCode::from_u16(status).map_err(|_| "invalid status")?;
+    if status == 101 {
+        return Err("unrequested protocol switch (101)".into());
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut upstream_closes = parsed.version == Some(0);
+    let mut named: Vec<&str> = Vec::new();
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = digits(h.value).ok_or("invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers".into());
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if transfer_encoding.is_some() {
+                return Err("repeated Transfer-Encoding".into());
+            }
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            transfer_encoding = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let v = std::str::from_utf8(h.value).map_err(|_| "invalid Connection")?;
+            for token in v.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    upstream_closes = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") && parsed.version == Some(0) {
+                    upstream_closes = false;
+                }
+                named.push(token);
+            }
+        }
+    }
+    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
+    {
+        Framing::Empty
+    } else if transfer_encoding.is_some() {
+        if length.is_some() {
+            return Err("both Content-Length and Transfer-Encoding".into());
+        }
+        if !chunked {
+            // Not chunked last (`gzip`, say): the body runs to the close.
+            Framing::Close
+        } else {
+            Framing::Chunked
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    let mut out = Vec::with_capacity(len + 32);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.push(b' ');
+    let reason = code
+        .canonical_reason()
+        .or(parsed.reason)
+        .unwrap_or_default();
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in parsed.headers.iter() {
+        let hop = HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+            || named.iter().any(|n| h.name.eq_ignore_ascii_case(n));
+        if hop {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: ");
+        out.extend_from_slice(transfer_encoding.unwrap_or(b"chunked"));
+        out.extend_from_slice(b"\r\n");
+    }
+    // The agent's end of a body read to the close is its connection's close.
+    if framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        status,
+        out,
+        len,
+        framing,
+        upstream_closes,
+    }))
+}
+
+/// Response headers that never cross the proxy.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Finds the end of a chunked body, fed the bytes as they arrive; the
+/// bytes themselves are forwarded unchanged.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkedEnd {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    /// Bytes of extensions or trailers so far (bounded).
+    extra: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// After the last chunk: at the start of a trailer line (or the end).
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Most bytes of chunk extensions plus trailers accepted in one body.
+const MAX_CHUNK_EXTRA: usize = 64 * 1024;
+
+impl ChunkedEnd {
+    /// Consumes bytes of the body; returns how many belong to it (all of
+    /// `input` unless the body ends inside it).
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits >= 15 {
+                            return Err("chunk size too large");
+                        }
+                        let v = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = self.size * 16 + v;
+                        self.digits += 1;
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = Extension,
+                    b'\r' if self.digits > 0 => self.state = SizeLf,
+                    _ => return Err("invalid chunk size"),
+                },
+                Extension => match b {
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => return Err("bare LF in chunk extension"),
+                    _ => {
+                        self.extra += 1;
+                        if self.extra > MAX_CHUNK_EXTRA {
+                            return Err("chunk extensions too long");
+                        }
+                    }
+                },
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err("chunk size line without CRLF");
+                    }
+                    self.digits = 0;
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let take =
+                        (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err("chunk data longer than its size");
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err("chunk data without CRLF");
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => {
+                    if b == b'\r' {
+                        self.state = EndLf;
+                    } else {
+                        self.state = Trailer;
+                        continue;
+                    }
+                }
+                Trailer => {
+                    if b == b'\r' {
+                        self.state = TrailerLf;
+                    } else if b == b'\n' {
+                        return Err("bare LF in trailer");
+                    }
+                    self.extra += 1;
+                    if self.extra > MAX_CHUNK_EXTRA {
+                        return Err("trailers too long");
+                    }
+                }
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err("trailer without CRLF");
+                    }
+                    self.state = TrailerStart;
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err("chunked body without final CRLF");
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+                Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    pub fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+}
+
+/// The per-tunnel state of the fast path.
+struct Conn<'a, S> {
+    shared: &'a Shared,
+    dest: &'a Destination,
+    token_hash: TokenHash,
+    agent: S,
+    /// Bytes read from the agent and not yet consumed.
+    buf: BytesMut,
+}
+
+/// Serves an HTTP/1.1 tunnel until it closes or must be handed to hyper.
+pub(crate) async fn serve<S>(
+    shared: &Shared,
+    dest: &Destination,
+    token_hash: TokenHash,
+    agent: S,
+) -> End<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        shared,
+        dest,
+        token_hash,
+        agent,
+        buf: BytesMut::new(),
+    };
+    let mut closing = shared.closing.subscribe();
+    loop {
+        let head = match conn.read_head(&mut closing).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return End::Closed,
+            Err(HandOff) => {
+                return End::HandOff(Rewind {
+                    prefix: conn.buf.freeze(),
+                    inner: conn.agent,
+                })
+            }
+        };
+        match conn.exchange(head).await {
+            Step::KeepAlive => {}
+            Step::Close => {
+                let _ = conn.agent.shutdown().await;
+                return End::Closed;
+            }
+            Step::Drop => return End::Closed,
+            Step::HandOff => {
+                return End::HandOff(Rewind {
+                    prefix: conn.buf.freeze(),
+                    inner: conn.agent,
+                })
+            }
+        }
+        if *closing.borrow() {
+            let _ = conn.agent.shutdown().await;
+            return End::Closed;
+        }
+        // An idle tunnel holds no read buffer.
+        if conn.buf.is_empty() {
+            conn.buf = BytesMut::new();
+        }
+    }
+}
+
+struct HandOff;
+
+/// What to do with the agent's connection after an exchange.
+enum Step {
+    KeepAlive,
+    /// Close cleanly (close_notify).
+    Close,
+    /// Drop at once: the response is incomplete, and the agent must see
+    /// that as an error.
+    Drop,
+    /// hyper serves the request still in the buffer, and the rest.
+    HandOff,
+}
+
+impl<S> Conn<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Reads until a complete head the fast path serves. `Ok(None)`: the
+    /// connection closed, timed out or the gateway is shutting down.
+    async fn read_head(
+        &mut self,
+        closing: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Head>, HandOff> {
+        let max = self.shared.config.max_header_bytes.max(8192);
+        let deadline = Deadline::now() + self.shared.config.header_read_timeout;
+        loop {
+            if !self.buf.is_empty() {
+                match parse_request(&self.buf) {
+                    Ok(head) => return Ok(Some(head)),
+                    Err(NotHere::HandOff) => return Err(HandOff),
+                    // hyper refuses the oversized head (431).
+                    Err(NotHere::Partial) if self.buf.len() >= max => return Err(HandOff),
+                    Err(NotHere::Partial) => {}
+                }
+            }
+            self.buf.reserve(READ_CHUNK.min(max));
+            let idle = self.buf.is_empty();
+            let read = tokio::time::timeout_at(deadline, self.agent.read_buf(&mut self.buf));
+            let n = tokio::select! {
+                r = read => match r {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) | Err(_) => return Ok(None),
+                },
+                // Shutdown closes idle connections at once; a head under
+                // way is still read and answered.
+                _ = closing.wait_for(|c| *c), if idle => return Ok(None),
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange(&mut self, head: Head) -> Step {
+        let shared = self.shared;
+        let dest = self.dest;
+        let started = Instant::now();
+        let framed = head.framed;
+        let log = RequestLog::new(&head.req, "https", &dest.host, dest.port, started);
+        let admitted = match forward::admit(shared, dest, Some(&self.token_hash), &head.req) {
+            Ok(a) => a,
+            Err((name, err)) => return self.refuse(log, name, &err, framed).await,
+        };
+        let name = Some(admitted.agent.name.clone());
+        let (mut parts, ()) = head.req.into_parts();
+        let injected = match forward::rewrite(shared, dest, &admitted, &mut parts) {
+            Ok(n) => n,
+            Err(err) => return self.refuse(log, name, &err, framed).await,
+        };
+        let mut up = match upstream(shared, dest).await {
+            Ok(up) => up,
+            Err(DialError::NoHttp1) => {
+                // Nothing was consumed: hyper serves this request again
+                // from the start, through its HTTP/2 client.
+                shared.fast_h1.mark_http2_only(dest);
+                return Step::HandOff;
+            }
+            Err(DialError::Failed(err)) => return self.refuse(log, name, &err, framed).await,
+        };
+        let total = shared
+            .config
+            .total_timeout
+            .map(|t| Deadline::from_std(started) + t);
+        let head_deadline = {
+            let h = Deadline::now() + shared.config.response_timeout;
+            total.map_or(h, |t| t.min(h))
+        };
+
+        // Request head and body.
+        self.buf.advance(framed.len);
+        let mut out = upstream_head(dest, &parts);
+        let in_buf = usize::try_from(framed.body_len)
+            .unwrap_or(usize::MAX)
+            .min(self.buf.len());
+        out.extend_from_slice(&self.buf[..in_buf]);
+        self.buf.advance(in_buf);
+        let sent = async {
+            up.write_all(&out).await?;
+            copy_exact(&mut self.agent, &mut up, framed.body_len - in_buf as u64).await?;
+            up.flush().await
+        };
+        let sent = match total {
+            Some(at) => tokio::time::timeout_at(at, sent)
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+            None => sent.await,
+        };
+        if let Err(e) = sent {
+            // The agent's body may be half read: the connection cannot be
+            // reused either way.
+            let err = GatewayError::new(
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "sending the request to upstream {} failed: {e}",
+                    dest.authority()
+                ),
+            );
+            let consumed = Framed {
+                len: 0,
+                body_len: 0,
+                close: true,
+            };
+            return self.refuse(log, name, &err, consumed).await;
+        }
+
+        // Response heads (1xx interim heads are passed on).
+        let head_request = parts.method == Method::HEAD;
+        let mut ubuf = BytesMut::new();
+        let resp = loop {
+            let resp =
+                match read_response_head(&mut up, &mut ubuf, head_request, head_deadline).await {
+                    Ok(r) => r,
+                    Err(err) => {
+                        let consumed = Framed {
+                            len: 0,
+                            body_len: 0,
+                            close: framed.close,
+                        };
+                        return self.refuse(log, name, &err, consumed).await;
+                    }
+                };
+            ubuf.advance(resp.len);
+            if resp.status >= 200 {
+                break resp;
+            }
+            if self.write_agent(&resp.out).await.is_err() {
+                return Step::Drop;
+            }
+        };
+        let decision = if injected.is_empty() {
+            Decision::Passthrough
+        } else {
+            Decision::Injected
+        };
+        forward::emit(
+            shared,
+            log.event(name, resp.status, decision, None, injected),
+        )
+        .await;
+
+        // Response body.
+        let mut head_out = resp.out;
+        let relayed = self
+            .relay_body(&mut up, &mut ubuf, resp.framing, &mut head_out, total)
+            .await;
+        match relayed {
+            Ok(()) => {
+                let reusable =
+                    !resp.upstream_closes && resp.framing != Framing::Close && ubuf.is_empty();
+                if reusable {
+                    shared
+                        .fast_h1
+                        .put(dest, up, shared.config.pool_idle_timeout);
+                }
+                if framed.close || resp.framing == Framing::Close {
+                    Step::Close
+                } else {
+                    Step::KeepAlive
+                }
+            }
+            Err(e) => {
+                tracing::debug!(host = %dest.host, error = %e, "response relay ended early");
+                Step::Drop
+            }
+        }
+    }
+
+    /// Relays the response body after `head` (written with the first body
+    /// bytes, in one TLS record when they are already here).
+    async fn relay_body(
+        &mut self,
+        up: &mut Upstream,
+        ubuf: &mut BytesMut,
+        framing: Framing,
+        head: &mut Vec<u8>,
+        total: Option<Deadline>,
+    ) -> io::Result<()> {
+        let mut remaining = match framing {
+            Framing::Empty => 0,
+            Framing::Length(n) => n,
+            Framing::Chunked | Framing::Close => u64::MAX,
+        };
+        let mut chunked = ChunkedEnd::default();
+        let mut first = true;
+        loop {
+            // Forward what is buffered, up to the end of the body.
+            let take = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(ubuf.len());
+            let take = if framing == Framing::Chunked {
+                chunked
+                    .feed(&ubuf[..take])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            } else {
+                take
+            };
+            let end = match framing {
+                Framing::Empty => true,
+                Framing::Length(_) => remaining == take as u64,
+                Framing::Chunked => chunked.done(),
+                Framing::Close => false,
+            };
+            if first {
+                head.extend_from_slice(&ubuf[..take]);
+                self.write_agent(head).await?;
+                first = false;
+            } else if take > 0 {
+                self.write_agent(&ubuf[..take]).await?;
+            }
+            ubuf.advance(take);
+            if framing != Framing::Chunked && framing != Framing::Close {
+                remaining -= take as u64;
+            }
+            if end {
+                return Ok(());
+            }
+            if ubuf.capacity() - ubuf.len() < READ_CHUNK / 2 {
+                ubuf.reserve(READ_CHUNK);
+            }
+            let read = up.read_buf(ubuf);
+            let n = match total {
+                Some(at) => tokio::time::timeout_at(at, read)
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "total timeout"))??,
+                None => read.await?,
+            };
+            if n == 0 {
+                return if framing == Framing::Close {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed inside the response body",
+                    ))
+                };
+            }
+        }
+    }
+
+    async fn write_agent(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.agent.write_all(bytes).await?;
+        self.agent.flush().await
+    }
+
+    /// Records a refusal or failure and answers it with the usual JSON
+    /// error. The connection stays open only when the request had no body
+    /// left unread and the agent did not ask to close.
+    async fn refuse(
+        &mut self,
+        log: RequestLog,
+        name: Option<String>,
+        err: &GatewayError,
+        framed: Framed,
+    ) -> Step {
+        let resp = forward::refuse(self.shared, log, name, err).await;
+        self.buf.advance(framed.len);
+        let keep = !framed.close && framed.body_len == 0;
+        match self.write_response(resp, !keep).await {
+            Ok(()) if keep => Step::KeepAlive,
+            Ok(()) => Step::Close,
+            Err(_) => Step::Drop,
+        }
+    }
+
+    /// Writes a small, complete response (a gateway error).
+    async fn write_response(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        self.write_agent(&out).await
+    }
+}
+
+/// A pooled upstream connection, or a new one.
+async fn upstream(shared: &Shared, dest: &Destination) -> Result<Upstream, DialError> {
+    if let Some(up) = shared.fast_h1.take(dest, shared.config.pool_idle_timeout) {
+        return Ok(up);
+    }
+    shared.connector.connect_http1_only(dest).await
+}
+
+/// Reads one response head from the upstream.
+async fn read_response_head(
+    up: &mut Upstream,
+    ubuf: &mut BytesMut,
+    head_request: bool,
+    deadline: Deadline,
+) -> Result<ResponseHead, GatewayError> {
+    loop {
+        if !ubuf.is_empty() {
+            match parse_response(ubuf, head_request) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) if ubuf.len() >= MAX_RESPONSE_HEAD => {
+                    return Err(bad_upstream("response head too large".into()))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(bad_upstream(e)),
+            }
+        }
+        ubuf.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, up.read_buf(ubuf)).await {
+            Ok(Ok(0)) => {
+                return Err(bad_upstream(
+                    "the upstream closed the connection before answering".into(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(bad_upstream(format!("reading the response failed: {e}"))),
+            Err(_) => {
+                return Err(GatewayError::new(
+                    ErrorCode::UpstreamTimeout,
+                    "the upstream did not answer in time",
+                ))
+            }
+        }
+    }
+}
+
+fn bad_upstream(detail: String) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::UpstreamUnreachable,
+        format!("upstream failed: {detail}"),
+    )
+}
+
+/// Copies exactly `n` bytes from `from` to `to`.
+async fn copy_exact<R, W>(from: &mut R, to: &mut W, mut n: u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if n == 0 {
+        return Ok(());
+    }
+    let mut chunk = vec![0u8; READ_CHUNK * 4];
+    while n > 0 {
+        let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk.len());
+        let got = from.read(&mut chunk[..want]).await?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the agent closed inside the request body",
+            ));
+        }
+        to.write_all(&chunk[..got]).await?;
+        n -= got as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Result<Head, NotHere> {
+        parse_request(raw.as_bytes())
+    }
+
+    fn served(raw: &str) -> Head {
+        match request(raw) {
+            Ok(h) => h,
+            Err(NotHere::Partial) => panic!("partial: {raw:?}"),
+            Err(NotHere::HandOff) => panic!("handed off: {raw:?}"),
+        }
+    }
+
+    fn handed_off(raw: &str) -> bool {
+        matches!(request(raw), Err(NotHere::HandOff))
+    }
+
+    #[test]
+    fn plain_requests_are_served_with_their_framing() {
+        let h = served(
+            "GET /v1/x?a=1 HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer ph\r\n\r\nNEXT",
+        );
+        assert_eq!(h.req.method(), Method::GET);
+        assert_eq!(h.req.uri().path(), "/v1/x");
+        assert_eq!(h.req.uri().query(), Some("a=1"));
+        assert_eq!(h.req.headers()["authorization"], "Bearer ph");
+        assert_eq!(
+            h.framed.len,
+            "GET /v1/x?a=1 HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer ph\r\n\r\n".len()
+        );
+        assert_eq!(h.framed.body_len, 0);
+        assert!(!h.framed.close);
+        let p = served("POST / HTTP/1.1\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
+        assert_eq!(p.framed.body_len, 12);
+        assert!(p.framed.close);
+        let te = served("GET / HTTP/1.1\r\nTE: trailers\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!te.framed.close);
+        assert!(matches!(
+            request("GET / HTTP/1.1\r\nHost: a"),
+            Err(NotHere::Partial)
+        ));
+    }
+
+    #[test]
+    fn unusual_or_ambiguous_requests_go_to_hyper() {
+        for raw in [
+            // Framing keygate does not parse itself, or that is ambiguous.
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            // Protocol switches and hop-by-hop tricks.
+            "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
+            "GET / HTTP/1.1\r\nTE: gzip\r\n\r\n",
+            // Versions, targets, methods.
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET https://api.test/ HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "CONNECT api.test:443 HTTP/1.1\r\n\r\n",
+            "TRACE / HTTP/1.1\r\n\r\n",
+            "get / HTTP/1.1\r\n\r\n",
+            // Malformed heads: hyper answers them as it always has.
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            "GET /\0 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: \0\r\n\r\n",
+        ] {
+            assert!(handed_off(raw), "{raw:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(handed_off(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    fn response(raw: &str, head_request: bool) -> Result<ResponseHead, String> {
+        parse_response(raw.as_bytes(), head_request).map(|r| r.expect("complete"))
+    }
+
+    fn out(r: &ResponseHead) -> String {
+        String::from_utf8(r.out.clone()).unwrap()
+    }
+
+    #[test]
+    fn response_framing_and_hop_by_hop_headers() {
+        let r = response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Keep: 2\r\n\r\n", false).unwrap();
+        assert_eq!(r.framing, Framing::Length(5));
+        assert!(!r.upstream_closes);
+        assert_eq!(
+            out(&r),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Keep: 2\r\n\r\n"
+        );
+        let c = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.framing, Framing::Chunked);
+        assert!(c.upstream_closes);
+        assert_eq!(
+            out(&c),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let eof = response("HTTP/1.1 200 OK\r\nX: 1\r\n\r\n", false).unwrap();
+        assert_eq!(eof.framing, Framing::Close);
+        assert!(out(&eof).ends_with("connection: close\r\n\r\n"));
+        for (status, head) in [
+            ("204 No Content", false),
+            ("304 Not Modified", false),
+            ("200 OK", true),
+            ("103 Early Hints", false),
+        ] {
+            let r = response(
+                &format!("HTTP/1.1 {status}\r\nContent-Length: 10\r\n\r\n"),
+                head,
+            )
+            .unwrap();
+            assert_eq!(r.framing, Framing::Empty, "{status}");
+        }
+        let old = response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
+        assert!(old.upstream_closes);
+        assert!(out(&old).starts_with("HTTP/1.1 200 OK\r\n"));
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_responses_are_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n",
+            "XTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            assert!(parse_response(raw.as_bytes(), false).is_err(), "{raw:?}");
+        }
+        // Repeated identical lengths are one length.
+        let same = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(same.framing, Framing::Length(3));
+    }
+
+    /// Feeds `body` split at every point into two pieces, and byte by byte.
+    fn chunked_end(body: &[u8]) -> Result<usize, &'static str> {
+        let mut whole = ChunkedEnd::default();
+        let n = whole.feed(body)?;
+        assert_eq!(whole.done(), n < body.len() || whole.done());
+        for split in 0..body.len() {
+            let mut c = ChunkedEnd::default();
+            let a = c.feed(&body[..split])?;
+            let total = if c.done() {
+                a
+            } else {
+                a + c.feed(&body[split..])?
+            };
+            assert_eq!(total, n, "split at {split}");
+        }
+        let mut bytewise = ChunkedEnd::default();
+        let mut total = 0;
+        for b in body {
+            if bytewise.done() {
+                break;
+            }
+            total += bytewise.feed(std::slice::from_ref(b))?;
+        }
+        assert_eq!(total, n);
+        assert!(whole.done());
+        Ok(n)
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end_however_they_arrive() {
+        let body = b"5\r\nhello\r\na;ext=1\r\n0123456789\r\n0\r\n\r\nNEXT";
+        assert_eq!(chunked_end(body), Ok(body.len() - 4));
+        let trailers = b"3\r\nabc\r\n0\r\nx-checksum: 1\r\nx-more: 2\r\n\r\n";
+        assert_eq!(chunked_end(trailers), Ok(trailers.len()));
+        let mut open = ChunkedEnd::default();
+        assert_eq!(open.feed(b"5\r\nhel"), Ok(6));
+        assert!(!open.done());
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\nhello\r\n",
+            b"5\r\nhelloX\r\n",
+            b"5\r\nhello\n",
+            b"\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\nx: 1\n\r\n",
+        ] {
+            let mut c = ChunkedEnd::default();
+            assert!(c.feed(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn the_upstream_head_names_the_checked_destination_and_keeps_headers() {
+        let dest = Destination {
+            host: "api.test".into(),
+            port: 443,
+        };
+        let mut req = Request::post("https://api.test:443/v1/x?q=1")
+            .header("authorization", "Bearer real")
+            .header("content-length", "2")
+            .body(())
+            .unwrap();
+        let (parts, ()) = std::mem::replace(&mut req, Request::new(())).into_parts();
+        let head = String::from_utf8(upstream_head(&dest, &parts)).unwrap();
+        assert_eq!(
+            head,
+            "POST /v1/x?q=1 HTTP/1.1\r\nhost: api.test\r\nauthorization: Bearer real\r\ncontent-length: 2\r\n\r\n"
+        );
+        let v6 = Destination {
+            host: "::1".into(),
+            port: 8443,
+        };
+        let (parts, ()) = Request::get("https://[::1]:8443/")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let head = String::from_utf8(upstream_head(&v6, &parts)).unwrap();
+        assert!(
+            head.starts_with("GET / HTTP/1.1\r\nhost: [::1]:8443\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_then_reads_the_stream() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind {
+            prefix: Bytes::from_static(b"hello"),
+            inner: b,
+        };
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
