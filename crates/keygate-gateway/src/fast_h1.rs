@@ -51,6 +51,12 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const POOL_PER_DESTINATION: usize = 64;
 /// Read size for heads and bodies.
 const READ_CHUNK: usize = 16 * 1024;
+/// Largest request body this path serves. It is read whole before the
+/// request goes out in one write, so an early answer from the upstream can
+/// never find it half sent; larger bodies go to hyper.
+const MAX_BODY: u64 = 64 * 1024;
+/// Read size while waiting for the next request.
+const IDLE_READ: usize = 2048;
 
 /// An upstream connection speaking HTTP/1.1.
 type Upstream = TlsStream<TcpStream>;
@@ -262,7 +268,13 @@ fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
             if body_len.is_some() {
                 return Err(NotHere::HandOff);
             }
-            body_len = Some(digits(h.value).ok_or(NotHere::HandOff)?);
+            let n = digits(h.value).ok_or(NotHere::HandOff)?;
+            // Larger bodies stream through hyper, which sends them while
+            // it watches for an early answer (413, say).
+            if n > MAX_BODY {
+                return Err(NotHere::HandOff);
+            }
+            body_len = Some(n);
         } else if name == header::TRANSFER_ENCODING
             || name == header::UPGRADE
             || name == header::EXPECT
@@ -694,8 +706,11 @@ where
                     Err(NotHere::Partial) => {}
                 }
             }
-            self.buf.reserve(READ_CHUNK.min(max));
             let idle = self.buf.is_empty();
+            // A waiting tunnel holds a small buffer (heads are usually a
+            // few hundred bytes); it grows when a head needs more.
+            self.buf
+                .reserve(if idle { IDLE_READ } else { READ_CHUNK.min(max) });
             let read = tokio::time::timeout_at(deadline, self.agent.read_buf(&mut self.buf));
             let n = tokio::select! {
                 r = read => match r {
@@ -710,6 +725,25 @@ where
                 return Ok(None);
             }
         }
+    }
+
+    /// Reads until the request's whole body is in the buffer (at most
+    /// [`MAX_BODY`]), waiting as long as hyper's path would wait for the
+    /// upstream's answer. `false`: it did not arrive.
+    async fn read_body(&mut self, framed: Framed) -> bool {
+        let need = framed.len + usize::try_from(framed.body_len).unwrap_or(usize::MAX);
+        if self.buf.len() >= need {
+            return true;
+        }
+        let deadline = Deadline::now() + self.shared.config.response_timeout;
+        self.buf.reserve(need - self.buf.len());
+        while self.buf.len() < need {
+            match tokio::time::timeout_at(deadline, self.agent.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// One request and its response.
@@ -729,6 +763,20 @@ where
             Ok(n) => n,
             Err(err) => return self.refuse(log, name, &err, framed).await,
         };
+        if !self.read_body(framed).await {
+            let err = GatewayError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the request body ({} bytes) did not arrive in time",
+                    framed.body_len
+                ),
+            );
+            let close = Framed {
+                close: true,
+                ..framed
+            };
+            return self.refuse(log, name, &err, close).await;
+        }
         let mut up = match upstream(shared, dest).await {
             Ok(up) => up,
             Err(DialError::NoHttp1) => {
@@ -748,28 +796,20 @@ where
             total.map_or(h, |t| t.min(h))
         };
 
-        // Request head and body.
-        self.buf.advance(framed.len);
+        // Request head and body, in one write.
+        let body_len = usize::try_from(framed.body_len).unwrap_or(usize::MAX);
         let mut out = upstream_head(dest, &parts);
-        let in_buf = usize::try_from(framed.body_len)
-            .unwrap_or(usize::MAX)
-            .min(self.buf.len());
-        out.extend_from_slice(&self.buf[..in_buf]);
-        self.buf.advance(in_buf);
+        out.extend_from_slice(&self.buf[framed.len..framed.len + body_len]);
+        self.buf.advance(framed.len + body_len);
         let sent = async {
             up.write_all(&out).await?;
-            copy_exact(&mut self.agent, &mut up, framed.body_len - in_buf as u64).await?;
             up.flush().await
         };
-        let sent = match total {
-            Some(at) => tokio::time::timeout_at(at, sent)
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
-            None => sent.await,
+        let sent = match tokio::time::timeout_at(head_deadline, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
         };
         if let Err(e) = sent {
-            // The agent's body may be half read: the connection cannot be
-            // reused either way.
             let err = GatewayError::new(
                 ErrorCode::UpstreamUnreachable,
                 format!(
@@ -780,7 +820,7 @@ where
             let consumed = Framed {
                 len: 0,
                 body_len: 0,
-                close: true,
+                close: framed.close,
             };
             return self.refuse(log, name, &err, consumed).await;
         }
@@ -822,6 +862,11 @@ where
 
         // Response body.
         let mut head_out = resp.out;
+        if framed.close && resp.framing != Framing::Close {
+            // The agent asked to close: say so (the head ends in CRLF CRLF).
+            head_out.truncate(head_out.len() - 2);
+            head_out.extend_from_slice(b"connection: close\r\n\r\n");
+        }
         let relayed = self
             .relay_body(&mut up, &mut ubuf, resp.framing, &mut head_out, total)
             .await;
@@ -1024,31 +1069,6 @@ fn bad_upstream(detail: String) -> GatewayError {
         ErrorCode::UpstreamUnreachable,
         format!("upstream failed: {detail}"),
     )
-}
-
-/// Copies exactly `n` bytes from `from` to `to`.
-async fn copy_exact<R, W>(from: &mut R, to: &mut W, mut n: u64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if n == 0 {
-        return Ok(());
-    }
-    let mut chunk = vec![0u8; READ_CHUNK * 4];
-    while n > 0 {
-        let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk.len());
-        let got = from.read(&mut chunk[..want]).await?;
-        if got == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the agent closed inside the request body",
-            ));
-        }
-        to.write_all(&chunk[..got]).await?;
-        n -= got as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

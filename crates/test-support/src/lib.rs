@@ -8,6 +8,7 @@
 mod agent;
 mod handshake;
 mod keygate;
+mod scripted;
 mod streaming;
 mod tunnel;
 mod upstream;
@@ -17,6 +18,7 @@ pub use agent::{
 };
 pub use handshake::handshake_in_memory;
 pub use keygate::Keygate;
+pub use scripted::{Act, RawH1, RawHead, RawResponse, Recorded, Reply, Script, ScriptedUpstream};
 // Re-exported so tests build requests with the same versions.
 pub use streaming::{Alpn, StreamUpstream};
 pub use tunnel::{basic_auth, connect_raw, Answer, ConnectRefused, Tunnel};
