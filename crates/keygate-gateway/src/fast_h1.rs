@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
@@ -104,11 +105,18 @@ impl Pool {
     }
 
     fn put(&self, dest: &Destination, up: Upstream, max_idle: std::time::Duration) {
+        let now = Instant::now();
         let mut inner = self.lock();
         let list = inner.idle.entry(key(dest)).or_default();
-        list.retain(|(since, _)| since.elapsed() < max_idle);
+        // The oldest is first: expired ones go only when there are some.
+        if list
+            .first()
+            .is_some_and(|(since, _)| now.duration_since(*since) >= max_idle)
+        {
+            list.retain(|(since, _)| now.duration_since(*since) < max_idle);
+        }
         if list.len() < POOL_PER_DESTINATION {
-            list.push((Instant::now(), up));
+            list.push((now, up));
         }
     }
 }
@@ -238,9 +246,10 @@ fn digits(v: &[u8]) -> Option<u64> {
 /// Parses an agent's request head at the start of `buf` and decides
 /// whether this path serves it.
 fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let len = match parsed.parse(buf) {
+    // Uninitialised: 100 headers would be 3.2 KiB to zero per parse.
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Err(NotHere::Partial),
         // hyper answers malformed and oversized heads as it always has.
@@ -356,9 +365,13 @@ struct ResponseHead {
 /// Parses an upstream response head at the start of `buf`. `Ok(None)`:
 /// incomplete.
 fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf) {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("malformed response head: {e}")),
