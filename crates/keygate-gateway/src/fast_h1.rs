@@ -316,6 +316,15 @@ fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
     })
 }
 
+/// Whether `bytes` hold the end of a head (an empty line, CRLF or bare LF,
+/// as httparse accepts).
+fn head_may_end(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
+}
+
 /// The request head written upstream: origin-form target, Host first.
 fn upstream_head(dest: &Destination, parts: &http::request::Parts) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -709,15 +718,23 @@ where
     ) -> Result<Option<Head>, HandOff> {
         let max = self.shared.config.max_header_bytes.max(8192);
         let deadline = Deadline::now() + self.shared.config.header_read_timeout;
+        // Bytes already looked at for the end of the head: a head that
+        // arrives a byte at a time is parsed once it can be complete, not
+        // once per byte (quadratic work for a slow client).
+        let mut scanned: usize = 0;
         loop {
-            if !self.buf.is_empty() {
+            let may_end = head_may_end(&self.buf[scanned.saturating_sub(2)..]);
+            scanned = self.buf.len();
+            if may_end {
                 match parse_request(&self.buf) {
                     Ok(head) => return Ok(Some(head)),
                     Err(NotHere::HandOff) => return Err(HandOff),
-                    // hyper refuses the oversized head (431).
-                    Err(NotHere::Partial) if self.buf.len() >= max => return Err(HandOff),
                     Err(NotHere::Partial) => {}
                 }
+            }
+            if self.buf.len() >= max {
+                // hyper refuses the oversized head (431).
+                return Err(HandOff);
             }
             let idle = self.buf.is_empty();
             // A waiting tunnel holds a small buffer (heads are usually a
@@ -1317,6 +1334,25 @@ mod tests {
             head.starts_with("GET / HTTP/1.1\r\nhost: [::1]:8443\r\n"),
             "{head}"
         );
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        assert!(head_may_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(head_may_end(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(head_may_end(b"\n\r\n"));
+        assert!(!head_may_end(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!head_may_end(b"\r\n\r"));
+        assert!(!head_may_end(b""));
+        // What read_head looks at after each read: the new bytes and the
+        // two before them.
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for split in 1..head.len() {
+            let (scanned, all) = (split, &head[..]);
+            let first = head_may_end(&all[..scanned]);
+            let second = head_may_end(&all[scanned.saturating_sub(2)..]);
+            assert!(first || second, "split at {split}");
+        }
     }
 
     #[tokio::test]

@@ -244,6 +244,26 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_sent_a_byte_at_a_time_is_served() {
+    let w = world(|_| None).await;
+    within(async {
+        let mut c = w.open().await;
+        let all = request("POST", "/v1/slow", "", b"0123456789");
+        for byte in &all {
+            c.send(std::slice::from_ref(byte)).await.expect("write");
+        }
+        let r = c.read_response(false).await.expect("response");
+        assert_eq!(r.status(), 200, "{r:?}");
+        let seen = w.up.with_target("/v1/slow");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].body, b"0123456789");
+        assert_injected(&seen[0]);
+        get_ok(&mut c, "/v1/after").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_content_length_upload_arrives_byte_exact_and_the_connection_stays_usable() {
     let w = world(|_| None).await;
     within(async {
