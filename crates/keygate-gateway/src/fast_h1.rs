@@ -121,6 +121,72 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Drops idle connections that expired or that the upstream closed.
+    /// Without it a connection the upstream closed would sit in
+    /// CLOSE_WAIT until its destination is used again.
+    pub fn sweep(&self, max_idle: std::time::Duration) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.idle.retain(|_, list| {
+                let mut i = 0;
+                while i < list.len() {
+                    let (since, up) = &mut list[i];
+                    if now.duration_since(*since) < max_idle && still_open(up) {
+                        i += 1;
+                    } else {
+                        gone.push(list.remove(i).1);
+                    }
+                }
+                !list.is_empty()
+            });
+        }
+        // Closed outside the lock.
+        drop(gone);
+    }
+
+    /// Drops every idle connection (the gateway is stopping).
+    pub fn clear(&self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        drop(idle);
+    }
+}
+
+/// How often the pool is swept: often enough that an upstream's close is
+/// answered within seconds, rarely enough to cost nothing.
+pub(crate) fn sweep_interval(max_idle: std::time::Duration) -> std::time::Duration {
+    max_idle.clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    )
+}
+
+/// Sweeps the pool until the gateway is gone or stopping, then empties it.
+pub(crate) async fn sweep_until_closed(shared: std::sync::Weak<Shared>) {
+    let (every, mut closing) = match shared.upgrade() {
+        Some(s) => (
+            sweep_interval(s.config.pool_idle_timeout),
+            s.closing.subscribe(),
+        ),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = closing.wait_for(|c| *c) => break,
+        }
+        let Some(s) = shared.upgrade() else { return };
+        s.fast_h1.sweep(s.config.pool_idle_timeout);
+    }
+    if let Some(s) = shared.upgrade() {
+        s.fast_h1.clear();
+    }
+}
+
 fn key(dest: &Destination) -> (String, u16) {
     (dest.host.clone(), dest.port)
 }
@@ -450,7 +516,9 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in parsed.headers.iter() {
-        let hop = HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+        let hop = forward::HOP_BY_HOP
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
             || named.iter().any(|n| h.name.eq_ignore_ascii_case(n));
         if hop {
             continue;
@@ -478,19 +546,6 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
         upstream_closes,
     }))
 }
-
-/// Response headers that never cross the proxy.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Finds the end of a chunked body, fed the bytes as they arrive; the
 /// bytes themselves are forwarded unchanged.

@@ -209,15 +209,19 @@ pub(crate) async fn refuse(
     err.to_response()
 }
 
-/// Headers that never cross the proxy (hop-by-hop and proxy credentials).
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Headers that never cross the proxy, in either direction: hop-by-hop
+/// headers and proxy credentials. Lower case, as `HeaderName::as_str` and
+/// HTTP/2 spell them; the HTTP/1.1 fast path compares case-insensitively.
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols
@@ -269,11 +273,8 @@ fn keeps_te_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
-/// Hop-by-hop names that `http` has no constant for.
-const HOP_BY_HOP_NONSTANDARD: [&str; 2] = ["keep-alive", "proxy-connection"];
-
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || HOP_BY_HOP_NONSTANDARD.iter().any(|n| name == n)
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -290,10 +291,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP) {
+    for name in &named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP_NONSTANDARD {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }

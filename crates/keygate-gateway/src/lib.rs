@@ -193,6 +193,9 @@ impl Gateway {
         drain: Duration,
     ) {
         let max = self.shared.config.max_connections;
+        if self.shared.config.http1_fast_path {
+            tokio::spawn(fast_h1::sweep_until_closed(Arc::downgrade(&self.shared)));
+        }
         let limit = Arc::new(Semaphore::new(max));
         tokio::pin!(shutdown);
         loop {

@@ -736,6 +736,59 @@ async fn an_idle_upstream_connection_closed_by_the_upstream_is_not_reused() {
     .await;
 }
 
+/// Sockets on this machine connected to `port` on the loopback that are in
+/// CLOSE_WAIT: the peer closed, and the owner has not closed its end.
+#[cfg(target_os = "linux")]
+fn close_wait_to(port: u16) -> usize {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&suffix) && cols[3] == "08"
+        })
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_upstream_connection_the_upstream_closes_is_closed_by_keygate_too() {
+    // Answers with keep-alive framing, then closes. Nothing uses the
+    // destination again: keygate must still close its end (a pooled
+    // connection must not sit in CLOSE_WAIT until the next request).
+    let w =
+        world(|target| (target == "/v1/then-close").then(|| Reply::ok("bye").then_close())).await;
+    within(async {
+        let mut c = w.open().await;
+        let r = exchange(&mut c, &get("/v1/then-close")).await;
+        assert_eq!(r.status(), 200, "{r:?}");
+        let port = w.up.tls_addr.port();
+        let mut seen_close_wait = false;
+        let started = std::time::Instant::now();
+        loop {
+            let n = close_wait_to(port);
+            seen_close_wait |= n > 0;
+            if n == 0 && started.elapsed() > Duration::from_millis(300) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "keygate's upstream socket stayed in CLOSE_WAIT"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "CLOSE_WAIT seen: {seen_close_wait}; closed after {:?}",
+            started.elapsed()
+        );
+        // The tunnel itself is still open and serves the next request.
+        get_ok(&mut c, "/v1/next").await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_handed_to_hyper_mid_connection_are_served_with_the_credential() {
     let w = world(|_| None).await;
