@@ -71,8 +71,8 @@ pub(crate) struct Pool {
 
 #[derive(Default)]
 struct PoolInner {
-    idle: HashMap<(String, u16), Vec<(Instant, Upstream)>>,
-    http2_only: std::collections::HashSet<(String, u16)>,
+    idle: HashMap<Destination, Vec<(Instant, Upstream)>>,
+    http2_only: std::collections::HashSet<Destination>,
 }
 
 impl Pool {
@@ -84,11 +84,11 @@ impl Pool {
     /// Whether this destination is known to refuse HTTP/1.1.
     pub fn http2_only(&self, dest: &Destination) -> bool {
         let inner = self.lock();
-        !inner.http2_only.is_empty() && inner.http2_only.contains(&key(dest))
+        !inner.http2_only.is_empty() && inner.http2_only.contains(dest)
     }
 
     fn mark_http2_only(&self, dest: &Destination) {
-        self.lock().http2_only.insert(key(dest));
+        self.lock().http2_only.insert(dest.clone());
     }
 
     /// The most recently used idle connection that is still open.
@@ -96,7 +96,7 @@ impl Pool {
         loop {
             let (since, mut up) = {
                 let mut inner = self.lock();
-                inner.idle.get_mut(&(dest.host.clone(), dest.port))?.pop()?
+                inner.idle.get_mut(dest)?.pop()?
             };
             if since.elapsed() < max_idle && still_open(&mut up) {
                 return Some(up);
@@ -107,7 +107,13 @@ impl Pool {
     fn put(&self, dest: &Destination, up: Upstream, max_idle: std::time::Duration) {
         let now = Instant::now();
         let mut inner = self.lock();
-        let list = inner.idle.entry(key(dest)).or_default();
+        // The key is copied only for a destination's first connection.
+        if !inner.idle.contains_key(dest) {
+            inner.idle.insert(dest.clone(), Vec::new());
+        }
+        let Some(list) = inner.idle.get_mut(dest) else {
+            return;
+        };
         // The oldest is first: expired ones go only when there are some.
         if list
             .first()
@@ -185,10 +191,6 @@ pub(crate) async fn sweep_until_closed(shared: std::sync::Weak<Shared>) {
     if let Some(s) = shared.upgrade() {
         s.fast_h1.clear();
     }
-}
-
-fn key(dest: &Destination) -> (String, u16) {
-    (dest.host.clone(), dest.port)
 }
 
 /// An idle connection is still usable if reading it would block: no close,
@@ -310,16 +312,22 @@ fn digits(v: &[u8]) -> Option<u64> {
 }
 
 /// Parses an agent's request head at the start of `buf` and decides
-/// whether this path serves it.
-fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
+/// whether this path serves it. `from`: where the end of the head may
+/// start (bytes before it were looked at already).
+fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
+    let end = head_end(buf, from).ok_or(NotHere::Partial)?;
+    // The target and the header values share one copy of the head
+    // instead of a copy each.
+    let copy = Bytes::copy_from_slice(&buf[..end]);
     // Uninitialised: 100 headers would be 3.2 KiB to zero per parse.
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
-    let len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
+    let len = match parsed.parse_with_uninit_headers(&copy, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(NotHere::Partial),
-        // hyper answers malformed and oversized heads as it always has.
-        Err(_) => return Err(NotHere::HandOff),
+        // An empty line httparse does not take as the end (leading blank
+        // lines, say), a malformed or an oversized head: hyper answers
+        // them as it always has.
+        Ok(httparse::Status::Partial) | Err(_) => return Err(NotHere::HandOff),
     };
     if parsed.version != Some(1) {
         return Err(NotHere::HandOff);
@@ -332,13 +340,15 @@ fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
     if !target.starts_with('/') {
         return Err(NotHere::HandOff);
     }
-    let uri = Uri::try_from(target).map_err(|_| NotHere::HandOff)?;
+    let uri =
+        Uri::from_maybe_shared(copy.slice_ref(target.as_bytes())).map_err(|_| NotHere::HandOff)?;
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     let mut body_len = None;
     let mut close = false;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| NotHere::HandOff)?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| NotHere::HandOff)?;
+        let value = HeaderValue::from_maybe_shared(copy.slice_ref(h.value))
+            .map_err(|_| NotHere::HandOff)?;
         if name == header::CONTENT_LENGTH {
             if body_len.is_some() {
                 return Err(NotHere::HandOff);
@@ -382,22 +392,37 @@ fn parse_request(buf: &[u8]) -> Result<Head, NotHere> {
     })
 }
 
-/// Whether `bytes` hold the end of a head (an empty line, CRLF or bare LF,
-/// as httparse accepts).
-fn head_may_end(bytes: &[u8]) -> bool {
-    bytes
-        .windows(2)
-        .enumerate()
-        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
+/// Where the head at the start of `buf` ends: just past its first empty
+/// line (CRLF or bare LF, as httparse accepts), looking only at lines that
+/// end at or after `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(2).min(buf.len());
+    memchr::memchr_iter(b'\n', &buf[start..])
+        .map(|i| start + i)
+        .find_map(|i| match buf.get(i + 1..) {
+            Some([b'\n', ..]) => Some(i + 2),
+            Some([b'\r', b'\n', ..]) => Some(i + 3),
+            _ => None,
+        })
 }
 
-/// The request head written upstream: origin-form target, Host first.
-fn upstream_head(dest: &Destination, parts: &http::request::Parts) -> Vec<u8> {
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+/// The request head written upstream: origin-form target (the admitted
+/// path and the request's query), Host naming the destination first.
+fn upstream_head(
+    dest: &Destination,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + headers.len() * 48);
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    if let Some(q) = query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     if dest.port == 443 {
         out.extend_from_slice(dest.authority_without_port().as_bytes());
@@ -405,7 +430,7 @@ fn upstream_head(dest: &Destination, parts: &http::request::Parts) -> Vec<u8> {
         out.extend_from_slice(dest.authority().as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -413,6 +438,13 @@ fn upstream_head(dest: &Destination, parts: &http::request::Parts) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// A path that can stand in a request line as it is: visible ASCII only
+/// (what a normalised path always is; hyper's path refuses anything else
+/// when it builds the URI).
+fn request_line_safe(path: &str) -> bool {
+    path.starts_with('/') && path.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 /// How a response body is delimited.
@@ -778,15 +810,12 @@ where
         // once per byte (quadratic work for a slow client).
         let mut scanned: usize = 0;
         loop {
-            let may_end = head_may_end(&self.buf[scanned.saturating_sub(2)..]);
-            scanned = self.buf.len();
-            if may_end {
-                match parse_request(&self.buf) {
-                    Ok(head) => return Ok(Some(head)),
-                    Err(NotHere::HandOff) => return Err(HandOff),
-                    Err(NotHere::Partial) => {}
-                }
+            match parse_request(&self.buf, scanned) {
+                Ok(head) => return Ok(Some(head)),
+                Err(NotHere::HandOff) => return Err(HandOff),
+                Err(NotHere::Partial) => {}
             }
+            scanned = self.buf.len();
             if self.buf.len() >= max {
                 // hyper refuses the oversized head (431).
                 return Err(HandOff);
@@ -844,7 +873,11 @@ where
         };
         let name = Some(admitted.agent.name.clone());
         let (mut parts, ()) = head.req.into_parts();
-        let injected = match forward::rewrite(shared, dest, &admitted, &mut parts) {
+        if !request_line_safe(&admitted.path) {
+            let err = GatewayError::new(ErrorCode::BadRequest, "invalid request target");
+            return self.refuse(log, name, &err, framed).await;
+        }
+        let injected = match forward::rewrite_headers(shared, dest, &admitted, &mut parts.headers) {
             Ok(n) => n,
             Err(err) => return self.refuse(log, name, &err, framed).await,
         };
@@ -883,7 +916,13 @@ where
 
         // Request head and body, in one write.
         let body_len = usize::try_from(framed.body_len).unwrap_or(usize::MAX);
-        let mut out = upstream_head(dest, &parts);
+        let mut out = upstream_head(
+            dest,
+            &parts.method,
+            &admitted.path,
+            parts.uri.query(),
+            &parts.headers,
+        );
         out.extend_from_slice(&self.buf[framed.len..framed.len + body_len]);
         self.buf.advance(framed.len + body_len);
         let sent = async {
@@ -1161,7 +1200,7 @@ mod tests {
     use super::*;
 
     fn request(raw: &str) -> Result<Head, NotHere> {
-        parse_request(raw.as_bytes())
+        parse_request(raw.as_bytes(), 0)
     }
 
     fn served(raw: &str) -> Head {
@@ -1365,48 +1404,51 @@ mod tests {
             host: "api.test".into(),
             port: 443,
         };
-        let mut req = Request::post("https://api.test:443/v1/x?q=1")
-            .header("authorization", "Bearer real")
-            .header("content-length", "2")
-            .body(())
-            .unwrap();
-        let (parts, ()) = std::mem::replace(&mut req, Request::new(())).into_parts();
-        let head = String::from_utf8(upstream_head(&dest, &parts)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer real"));
+        headers.insert("content-length", HeaderValue::from_static("2"));
+        let head = upstream_head(&dest, &Method::POST, "/v1/x", Some("q=1"), &headers);
         assert_eq!(
-            head,
+            String::from_utf8(head).unwrap(),
             "POST /v1/x?q=1 HTTP/1.1\r\nhost: api.test\r\nauthorization: Bearer real\r\ncontent-length: 2\r\n\r\n"
         );
         let v6 = Destination {
             host: "::1".into(),
             port: 8443,
         };
-        let (parts, ()) = Request::get("https://[::1]:8443/")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let head = String::from_utf8(upstream_head(&v6, &parts)).unwrap();
-        assert!(
-            head.starts_with("GET / HTTP/1.1\r\nhost: [::1]:8443\r\n"),
-            "{head}"
+        let head = upstream_head(&v6, &Method::GET, "/", None, &HeaderMap::new());
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET / HTTP/1.1\r\nhost: [::1]:8443\r\n\r\n"
         );
+        assert!(request_line_safe("/v1/a%20b~c"));
+        for bad in ["", "v1", "/a b", "/a\r\nx: y", "/caf\u{e9}", "/a\tb"] {
+            assert!(!request_line_safe(bad), "{bad:?}");
+        }
     }
 
     #[test]
     fn the_end_of_a_head_is_found_across_reads() {
-        assert!(head_may_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(head_may_end(b"GET / HTTP/1.1\nHost: a\n\n"));
-        assert!(head_may_end(b"\n\r\n"));
-        assert!(!head_may_end(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert!(!head_may_end(b"\r\n\r"));
-        assert!(!head_may_end(b""));
-        // What read_head looks at after each read: the new bytes and the
-        // two before them.
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
-        for split in 1..head.len() {
-            let (scanned, all) = (split, &head[..]);
-            let first = head_may_end(&all[..scanned]);
-            let second = head_may_end(&all[scanned.saturating_sub(2)..]);
-            assert!(first || second, "split at {split}");
+        let crlf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(head_end(crlf, 0), Some(crlf.len() - 4));
+        let lf = b"GET / HTTP/1.1\nHost: a\n\nbody";
+        assert_eq!(head_end(lf, 0), Some(lf.len() - 4));
+        assert_eq!(head_end(b"\n\r\n", 0), Some(3));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"\r\n\r", 0), None);
+        assert_eq!(head_end(b"", 0), None);
+        assert_eq!(head_end(b"", 5), None);
+        // Two heads: the first one's end.
+        let two = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n";
+        assert_eq!(head_end(two, 0), Some(19));
+        // What read_head does: after each read it looks from where the
+        // previous look stopped, and finds the same end as a whole look.
+        for head in [&crlf[..], &lf[..]] {
+            let whole = head_end(head, 0);
+            for split in 1..head.len() {
+                let found = head_end(&head[..split], 0).or_else(|| head_end(head, split));
+                assert_eq!(found, whole, "split at {split}");
+            }
         }
     }
 

@@ -21,7 +21,7 @@ use crate::upgrade::AgentSide;
 use crate::{auth, Body, BodyError, GatewayError, Shared};
 
 /// The destination the agent asked for (CONNECT or absolute-form authority).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Destination {
     /// Canonical host (lower-case, IDNA ASCII, IPv6 without brackets).
     pub host: String,
@@ -499,23 +499,32 @@ pub(crate) fn rewrite(
 ) -> Result<Vec<String>, GatewayError> {
     parts.uri = Uri::try_from(dest.https_uri(&admitted.path, parts.uri.query()))
         .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "invalid request target"))?;
-    let te_trailers = keeps_te_trailers(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers);
+    rewrite_headers(shared, dest, admitted, &mut parts.headers)
+}
+
+/// [`rewrite`] without the URI: the HTTP/1.1 fast path writes the request
+/// line itself, from the admitted path and the destination.
+pub(crate) fn rewrite_headers(
+    shared: &Shared,
+    dest: &Destination,
+    admitted: &Admitted,
+    headers: &mut HeaderMap,
+) -> Result<Vec<String>, GatewayError> {
+    let te_trailers = keeps_te_trailers(headers);
+    strip_hop_by_hop(headers);
     if te_trailers {
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the URI,
-    // which names the destination we checked.
-    parts.headers.remove(header::HOST);
+    // which names the destination we checked; the fast path writes it.
+    headers.remove(header::HOST);
     let selected = if admitted.matchable {
         let rules = admitted.agent.grants.iter().map(|s| s.as_ref());
         select(rules, &dest.host, dest.port, &admitted.path)
     } else {
         Vec::new()
     };
-    inject(shared, &mut parts.headers, &selected)
+    inject(shared, headers, &selected)
 }
 
 /// A request inside a tunnel (or an absolute-form `https://` request): the
