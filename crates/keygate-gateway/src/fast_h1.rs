@@ -59,8 +59,10 @@ const MAX_BODY: u64 = 64 * 1024;
 /// Read size while waiting for the next request.
 const IDLE_READ: usize = 2048;
 
-/// An upstream connection speaking HTTP/1.1.
-type Upstream = TlsStream<TcpStream>;
+/// An upstream connection speaking HTTP/1.1. Boxed: the TLS state is over
+/// a kilobyte, and the connection moves on every take from and return to
+/// the pool and through each request's future.
+type Upstream = Box<TlsStream<TcpStream>>;
 
 /// Idle HTTP/1.1 upstream connections, and the destinations that refused
 /// HTTP/1.1 (served by hyper's client instead).
@@ -1148,7 +1150,7 @@ async fn upstream(shared: &Shared, dest: &Destination) -> Result<Upstream, DialE
     if let Some(up) = shared.fast_h1.take(dest, shared.config.pool_idle_timeout) {
         return Ok(up);
     }
-    shared.connector.connect_http1_only(dest).await
+    shared.connector.connect_http1_only(dest).await.map(Box::new)
 }
 
 /// Reads one response head from the upstream.
