@@ -442,11 +442,13 @@ fn upstream_head(
     out
 }
 
-/// A path that can stand in a request line as it is: visible ASCII only
-/// (what a normalised path always is; hyper's path refuses anything else
-/// when it builds the URI).
+/// A path that can stand in a request line as it is: no space, control
+/// byte or DEL. A normalised path is visible ASCII; a path forwarded as
+/// received (to a host no credential applies to) is what the agent's
+/// request line held, which httparse and `Uri` accepted (UTF-8 bytes
+/// included, as hyper's path forwards them).
 fn request_line_safe(path: &str) -> bool {
-    path.starts_with('/') && path.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    path.starts_with('/') && path.bytes().all(|b| b > 0x20 && b != 0x7f)
 }
 
 /// How a response body is delimited.
@@ -1150,7 +1152,11 @@ async fn upstream(shared: &Shared, dest: &Destination) -> Result<Upstream, DialE
     if let Some(up) = shared.fast_h1.take(dest, shared.config.pool_idle_timeout) {
         return Ok(up);
     }
-    shared.connector.connect_http1_only(dest).await.map(Box::new)
+    shared
+        .connector
+        .connect_http1_only(dest)
+        .await
+        .map(Box::new)
 }
 
 /// Reads one response head from the upstream.
@@ -1424,7 +1430,8 @@ mod tests {
             "GET / HTTP/1.1\r\nhost: [::1]:8443\r\n\r\n"
         );
         assert!(request_line_safe("/v1/a%20b~c"));
-        for bad in ["", "v1", "/a b", "/a\r\nx: y", "/caf\u{e9}", "/a\tb"] {
+        assert!(request_line_safe("/caf\u{e9}"));
+        for bad in ["", "v1", "/a b", "/a\r\nx: y", "/a\tb", "/a\u{7f}", "/a\0"] {
             assert!(!request_line_safe(bad), "{bad:?}");
         }
     }
