@@ -815,6 +815,9 @@ where
         let mut scanned: usize = 0;
         loop {
             match parse_request(&self.buf, scanned) {
+                // hyper refuses a head over the limit (431), even when it
+                // arrived whole in the read that crossed the limit.
+                Ok(head) if head.framed.len > max => return Err(HandOff),
                 Ok(head) => return Ok(Some(head)),
                 Err(NotHere::HandOff) => return Err(HandOff),
                 Err(NotHere::Partial) => {}

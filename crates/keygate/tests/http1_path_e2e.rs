@@ -264,6 +264,27 @@ async fn a_request_sent_a_byte_at_a_time_is_served() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_head_just_over_the_limit_is_refused_even_when_it_arrives_whole() {
+    // keygate's head limit is 64 KiB. A head a little over it ends in the
+    // read that crosses the limit: it must be refused (431) like a head
+    // that never ends, and never reach the upstream.
+    let w = world(|_| None).await;
+    within(async {
+        let mut c = w.open().await;
+        let pad = "a".repeat(64 * 1024);
+        let head = request("GET", "/v1/big-head", &format!("x-pad: {pad}\r\n"), b"");
+        c.send(&head).await.expect("write");
+        match c.read_response(false).await {
+            Ok(r) => assert_eq!(r.status(), 431, "{r:?}"),
+            // hyper may close instead of answering.
+            Err(e) => assert!(e.contains("closed"), "{e}"),
+        }
+        assert!(w.up.with_target("/v1/big-head").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_content_length_upload_arrives_byte_exact_and_the_connection_stays_usable() {
     let w = world(|_| None).await;
     within(async {
