@@ -281,6 +281,8 @@ struct Framed {
     body_len: u64,
     /// The agent asked to close after this exchange.
     close: bool,
+    /// A HEAD request: no response to it has a body, refusals included.
+    head: bool,
 }
 
 /// Why a head is not served here.
@@ -381,6 +383,7 @@ fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
         map.append(name, value);
     }
     let mut req = Request::new(());
+    let head = method == Method::HEAD;
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = map;
@@ -390,6 +393,7 @@ fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
             len,
             body_len: body_len.unwrap_or(0),
             close,
+            head,
         },
     })
 }
@@ -492,25 +496,27 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     if status == 101 {
         return Err("unrequested protocol switch (101)".into());
     }
-    let mut length: Option<u64> = None;
+    // A length is checked only where it frames the body: HEAD, 1xx, 204
+    // and 304 have none, whatever their headers say (as hyper's client).
+    let mut length: Result<Option<u64>, &'static str> = Ok(None);
     let mut chunked = false;
-    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut transfer_encoding = false;
+    let mut te_repeated = false;
     let mut upstream_closes = parsed.version == Some(0);
     let mut named: Vec<&str> = Vec::new();
     for h in parsed.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = digits(h.value).ok_or("invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting Content-Length headers".into());
-            }
-            length = Some(n);
+            length = match (length, digits(h.value)) {
+                (Err(e), _) => Err(e),
+                (_, None) => Err("invalid Content-Length"),
+                (Ok(Some(l)), Some(n)) if l != n => Err("conflicting Content-Length headers"),
+                (_, Some(n)) => Ok(Some(n)),
+            };
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            if transfer_encoding.is_some() {
-                return Err("repeated Transfer-Encoding".into());
-            }
+            te_repeated |= transfer_encoding;
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-            transfer_encoding = Some(h.value);
+            transfer_encoding = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
             let v = std::str::from_utf8(h.value).map_err(|_| "invalid Connection")?;
             for token in v.split(',').map(str::trim) {
@@ -526,8 +532,10 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
     {
         Framing::Empty
-    } else if transfer_encoding.is_some() {
-        if length.is_some() {
+    } else if te_repeated {
+        return Err("repeated Transfer-Encoding".into());
+    } else if transfer_encoding {
+        if length != Ok(None) {
             return Err("both Content-Length and Transfer-Encoding".into());
         }
         if !chunked {
@@ -536,10 +544,12 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
         } else {
             Framing::Chunked
         }
-    } else if let Some(n) = length {
-        Framing::Length(n)
     } else {
-        Framing::Close
+        match length {
+            Err(e) => return Err(e.into()),
+            Ok(Some(n)) => Framing::Length(n),
+            Ok(None) => Framing::Close,
+        }
     };
     let mut out = Vec::with_capacity(len + 32);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -552,9 +562,13 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in parsed.headers.iter() {
-        let hop = forward::HOP_BY_HOP
-            .iter()
-            .any(|n| h.name.eq_ignore_ascii_case(n))
+        // The framing headers are written below, once, from the framing
+        // found: never repeated, never dropped because `Connection` named
+        // them.
+        let hop = h.name.eq_ignore_ascii_case("content-length")
+            || forward::HOP_BY_HOP
+                .iter()
+                .any(|n| h.name.eq_ignore_ascii_case(n))
             || named.iter().any(|n| h.name.eq_ignore_ascii_case(n));
         if hop {
             continue;
@@ -564,14 +578,22 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: ");
-        out.extend_from_slice(transfer_encoding.unwrap_or(b"chunked"));
-        out.extend_from_slice(b"\r\n");
-    }
-    // The agent's end of a body read to the close is its connection's close.
-    if framing == Framing::Close {
-        out.extend_from_slice(b"connection: close\r\n");
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        // What the body of a GET would be (HEAD), or of the cached
+        // representation (304); 1xx and 204 never have one.
+        Framing::Empty if status == 304 || (head_request && status >= 200 && status != 204) => {
+            if let Ok(Some(n)) = length {
+                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            }
+        }
+        Framing::Empty => {}
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // The agent's end of a body read to the close is its connection's
+        // close.
+        Framing::Close => out.extend_from_slice(b"connection: close\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     Ok(Some(ResponseHead {
@@ -951,12 +973,12 @@ where
             let consumed = Framed {
                 len: 0,
                 body_len: 0,
-                close: framed.close,
+                ..framed
             };
             return self.refuse(log, name, &err, consumed).await;
         }
 
-        // Response heads (1xx interim heads are passed on).
+        // Response heads (1xx interim heads are read and dropped).
         let head_request = parts.method == Method::HEAD;
         let mut ubuf = BytesMut::new();
         let resp = loop {
@@ -967,7 +989,7 @@ where
                         let consumed = Framed {
                             len: 0,
                             body_len: 0,
-                            close: framed.close,
+                            ..framed
                         };
                         return self.refuse(log, name, &err, consumed).await;
                     }
@@ -976,9 +998,11 @@ where
             if resp.status >= 200 {
                 break resp;
             }
-            if self.write_agent(&resp.out).await.is_err() {
-                return Step::Drop;
-            }
+            // Interim (1xx) heads are dropped, as hyper's client drops
+            // them: no request here expects `100 Continue`, and some
+            // clients (Python's http.client) take any other 1xx for the
+            // final answer, which would hand every later response to the
+            // wrong request.
         };
         let decision = if injected.is_empty() {
             Decision::Passthrough
@@ -1113,15 +1137,21 @@ where
         let resp = forward::refuse(self.shared, log, name, err).await;
         self.buf.advance(framed.len);
         let keep = !framed.close && framed.body_len == 0;
-        match self.write_response(resp, !keep).await {
+        match self.write_response(resp, !keep, framed.head).await {
             Ok(()) if keep => Step::KeepAlive,
             Ok(()) => Step::Close,
             Err(_) => Step::Drop,
         }
     }
 
-    /// Writes a small, complete response (a gateway error).
-    async fn write_response(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+    /// Writes a small, complete response (a gateway error); its body is
+    /// left out for a HEAD request (the length still says what it is).
+    async fn write_response(
+        &mut self,
+        resp: Response<Body>,
+        close: bool,
+        head_request: bool,
+    ) -> io::Result<()> {
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
@@ -1145,7 +1175,9 @@ where
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&body);
+        if !head_request {
+            out.extend_from_slice(&body);
+        }
         self.write_agent(&out).await
     }
 }
@@ -1301,7 +1333,41 @@ mod tests {
         assert!(!r.upstream_closes);
         assert_eq!(
             out(&r),
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Keep: 2\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nX-Keep: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+        // The framing is written by keygate, once: `Connection` naming it
+        // does not drop it, repeats are one header, and a transfer-coding
+        // list becomes `chunked` (as hyper's path sends it).
+        let named = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(out(&named), "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        let named = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            out(&named),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let twice = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 05\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(out(&twice), "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        let gzip = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(gzip.framing, Framing::Chunked);
+        assert_eq!(
+            out(&gzip),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let c = response(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
@@ -1329,6 +1395,28 @@ mod tests {
             )
             .unwrap();
             assert_eq!(r.framing, Framing::Empty, "{status}");
+            // HEAD and 304 say what the body would be; 1xx and 204 never
+            // carry a length.
+            let says = out(&r).contains("content-length: 10\r\n");
+            assert_eq!(says, status.starts_with("304") || head, "{status}");
+            // Lengths that frame nothing are not checked (hyper relays
+            // these); a bad one is dropped.
+            let r = response(
+                &format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: 5\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+                ),
+                head,
+            )
+            .unwrap();
+            assert_eq!(r.framing, Framing::Empty, "{status}");
+            assert!(
+                !out(&r).to_ascii_lowercase().contains("content-length"),
+                "{status}"
+            );
+            assert!(
+                !out(&r).to_ascii_lowercase().contains("transfer-encoding"),
+                "{status}"
+            );
         }
         let old = response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
         assert!(old.upstream_closes);
