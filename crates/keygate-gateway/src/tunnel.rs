@@ -121,6 +121,11 @@ async fn serve_with_hyper<S>(
     tokio::pin!(conn);
     let mut closing = shared.closing.subscribe();
     let result = tokio::select! {
+        // The connection first: bytes the fast path already read (replayed
+        // by `Rewind`) take hyper past its protocol detection before a
+        // shutdown that is already under way is applied, so the request
+        // they hold is answered rather than dropped unread.
+        biased;
         r = conn.as_mut() => r,
         _ = async { let _ = closing.wait_for(|c| *c).await; } => {
             conn.as_mut().graceful_shutdown();
