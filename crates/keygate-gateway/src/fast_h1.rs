@@ -1338,37 +1338,32 @@ mod tests {
         // The framing is written by keygate, once: `Connection` naming it
         // does not drop it, repeats are one header, and a transfer-coding
         // list becomes `chunked` (as hyper's path sends it).
-        let named = response(
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(out(&named), "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
-        let named = response(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            out(&named),
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
-        let twice = response(
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 05\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(out(&twice), "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        for (raw, want) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 05\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            ),
+        ] {
+            assert_eq!(out(&response(raw, false).unwrap()), want, "{raw:?}");
+        }
         let gzip = response(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             false,
         )
         .unwrap();
         assert_eq!(gzip.framing, Framing::Chunked);
-        assert_eq!(
-            out(&gzip),
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
         let c = response(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
             false,
