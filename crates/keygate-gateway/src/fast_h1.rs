@@ -209,8 +209,15 @@ fn still_open(up: &mut Upstream) -> bool {
 pub(crate) enum End<S> {
     /// The connection is finished (closed, failed or shut down).
     Closed,
-    /// Serve the rest of the connection with hyper, replaying `read` first.
-    HandOff(Rewind<S>),
+    /// Serve the rest of the connection with hyper, replaying the bytes
+    /// already read first.
+    HandOff {
+        rest: Rewind<S>,
+        /// A request was answered here first: the connection is
+        /// HTTP/1.1 and must stay so (hyper alone would never switch a
+        /// connection it served as HTTP/1.1 to HTTP/2 on a later preface).
+        served: bool,
+    },
 }
 
 /// The agent's connection with bytes already read put back in front.
@@ -396,6 +403,31 @@ fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
             head,
         },
     })
+}
+
+/// Checks the complete lines of an incomplete head after `from` (where
+/// the lines checked before end): `None` when one is malformed, else where
+/// the complete lines end. Each line is looked at once, however the head
+/// arrives.
+fn lines_well_formed(buf: &[u8], from: usize) -> Option<usize> {
+    let Some(last) = memchr::memrchr(b'\n', &buf[from..]) else {
+        return Some(from);
+    };
+    let upto = from + last + 1;
+    let lines = &buf[from..upto];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    if from == 0 {
+        // Empty lines before the request line are skipped (as httparse
+        // and hyper skip them): the request line is checked when it is
+        // whole.
+        if lines.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            return Some(0);
+        }
+        httparse::Request::new(&mut headers).parse(lines).ok()?;
+    } else {
+        httparse::parse_headers(lines, &mut headers).ok()?;
+    }
+    Some(upto)
 }
 
 /// Where the head at the start of `buf` ends: just past its first empty
@@ -769,15 +801,25 @@ where
         buf: BytesMut::new(),
     };
     let mut closing = shared.closing.subscribe();
+    let mut served = false;
     loop {
         let head = match conn.read_head(&mut closing).await {
             Ok(Some(head)) => head,
             Ok(None) => return End::Closed,
-            Err(HandOff) => {
-                return End::HandOff(Rewind {
-                    prefix: conn.buf.freeze(),
-                    inner: conn.agent,
-                })
+            Err(NotRead::HandOff) => return conn.hand_off(served),
+            Err(NotRead::Malformed) => {
+                // hyper would wait for the end of this head (it parses a
+                // head that arrived in pieces only once it is complete).
+                tracing::debug!(host = %dest.host, "malformed request head refused");
+                let err = GatewayError::new(ErrorCode::BadRequest, "malformed request head");
+                if conn
+                    .write_response(err.to_response(), true, false)
+                    .await
+                    .is_ok()
+                {
+                    let _ = conn.agent.shutdown().await;
+                }
+                return End::Closed;
             }
         };
         match conn.exchange(head).await {
@@ -787,13 +829,9 @@ where
                 return End::Closed;
             }
             Step::Drop => return End::Closed,
-            Step::HandOff => {
-                return End::HandOff(Rewind {
-                    prefix: conn.buf.freeze(),
-                    inner: conn.agent,
-                })
-            }
+            Step::HandOff => return conn.hand_off(served),
         }
+        served = true;
         if *closing.borrow() {
             let _ = conn.agent.shutdown().await;
             return End::Closed;
@@ -805,7 +843,13 @@ where
     }
 }
 
-struct HandOff;
+/// Why no head was read for the fast path.
+enum NotRead {
+    /// hyper serves the head in the buffer, and the rest.
+    HandOff,
+    /// A line of a head not yet complete is malformed.
+    Malformed,
+}
 
 /// What to do with the agent's connection after an exchange.
 enum Step {
@@ -823,31 +867,48 @@ impl<S> Conn<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    fn hand_off(self, served: bool) -> End<S> {
+        End::HandOff {
+            rest: Rewind {
+                prefix: self.buf.freeze(),
+                inner: self.agent,
+            },
+            served,
+        }
+    }
+
     /// Reads until a complete head the fast path serves. `Ok(None)`: the
     /// connection closed, timed out or the gateway is shutting down.
     async fn read_head(
         &mut self,
         closing: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Option<Head>, HandOff> {
+    ) -> Result<Option<Head>, NotRead> {
         let max = self.shared.config.max_header_bytes.max(8192);
         let deadline = Deadline::now() + self.shared.config.header_read_timeout;
         // Bytes already looked at for the end of the head: a head that
         // arrives a byte at a time is parsed once it can be complete, not
         // once per byte (quadratic work for a slow client).
         let mut scanned: usize = 0;
+        // Where the lines of an incomplete head already checked end.
+        let mut checked: usize = 0;
         loop {
             match parse_request(&self.buf, scanned) {
                 // hyper refuses a head over the limit (431), even when it
                 // arrived whole in the read that crossed the limit.
-                Ok(head) if head.framed.len > max => return Err(HandOff),
+                Ok(head) if head.framed.len > max => return Err(NotRead::HandOff),
                 Ok(head) => return Ok(Some(head)),
-                Err(NotHere::HandOff) => return Err(HandOff),
-                Err(NotHere::Partial) => {}
+                Err(NotHere::HandOff) => return Err(NotRead::HandOff),
+                Err(NotHere::Partial) => match lines_well_formed(&self.buf, checked) {
+                    Some(upto) => checked = upto,
+                    // Refused at once: waiting for its end would hold the
+                    // tunnel, unanswered, until the header timeout.
+                    None => return Err(NotRead::Malformed),
+                },
             }
             scanned = self.buf.len();
             if self.buf.len() >= max {
                 // hyper refuses the oversized head (431).
-                return Err(HandOff);
+                return Err(NotRead::HandOff);
             }
             let idle = self.buf.is_empty();
             // A waiting tunnel holds a small buffer (heads are usually a
@@ -924,7 +985,11 @@ where
             };
             return self.refuse(log, name, &err, close).await;
         }
-        let mut up = match upstream(shared, dest).await {
+        let total = shared
+            .config
+            .total_timeout
+            .map(|t| Deadline::from_std(started) + t);
+        let mut up = match upstream(shared, dest, total).await {
             Ok(up) => up,
             Err(DialError::NoHttp1) => {
                 // Nothing was consumed: hyper serves this request again
@@ -934,10 +999,6 @@ where
             }
             Err(DialError::Failed(err)) => return self.refuse(log, name, &err, framed).await,
         };
-        let total = shared
-            .config
-            .total_timeout
-            .map(|t| Deadline::from_std(started) + t);
         let head_deadline = {
             let h = Deadline::now() + shared.config.response_timeout;
             total.map_or(h, |t| t.min(h))
@@ -1182,16 +1243,31 @@ where
     }
 }
 
-/// A pooled upstream connection, or a new one.
-async fn upstream(shared: &Shared, dest: &Destination) -> Result<Upstream, DialError> {
+/// A pooled upstream connection, or a new one, dialled within the
+/// request's total deadline when there is one (each connect and handshake
+/// has its own timeout too).
+async fn upstream(
+    shared: &Shared,
+    dest: &Destination,
+    total: Option<Deadline>,
+) -> Result<Upstream, DialError> {
     if let Some(up) = shared.fast_h1.take(dest, shared.config.pool_idle_timeout) {
         return Ok(up);
     }
-    shared
-        .connector
-        .connect_http1_only(dest)
-        .await
-        .map(Box::new)
+    let dial = shared.connector.connect_http1_only(dest);
+    let up = match total {
+        Some(at) => tokio::time::timeout_at(at, dial).await.map_err(|_| {
+            DialError::Failed(GatewayError::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "connecting to upstream {} took longer than the total timeout",
+                    dest.authority()
+                ),
+            ))
+        })??,
+        None => dial.await?,
+    };
+    Ok(Box::new(up))
 }
 
 /// Reads one response head from the upstream.
@@ -1316,6 +1392,41 @@ mod tests {
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         assert!(handed_off(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    #[test]
+    fn an_incomplete_head_is_checked_line_by_line() {
+        // Fed in pieces, the way a slow agent sends it: the complete lines
+        // are checked once each, and a malformed one is seen at once.
+        let head = b"\r\nGET /v1/x HTTP/1.1\r\nHost: api.test\r\nX-A: 1\r\n";
+        let mut checked = 0;
+        for end in 1..=head.len() {
+            let upto = lines_well_formed(&head[..end], checked)
+                .unwrap_or_else(|| panic!("{:?}", String::from_utf8_lossy(&head[..end])));
+            assert!(upto >= checked && upto <= end);
+            if head[end - 1] == b'\n' && end > 2 {
+                assert_eq!(upto, end, "every complete line is checked");
+            }
+            checked = upto;
+        }
+        for (good, bad) in [
+            ("", "NOT A REQUEST\r\n"),
+            ("", "GET / HTTP/1.1\r\nBad Header: x\r\n"),
+            ("GET / HTTP/1.1\r\n", "no colon\r\n"),
+            ("GET / HTTP/1.1\r\nX: 1\r\n", "X: \0\r\nY"),
+            ("GET / HTTP/1.1\r\nX: 1\r\n", " folded\r\n"),
+        ] {
+            let checked = lines_well_formed(good.as_bytes(), 0).expect(good);
+            assert_eq!(checked, good.len());
+            let whole = format!("{good}{bad}");
+            assert_eq!(
+                lines_well_formed(whole.as_bytes(), checked),
+                None,
+                "{whole:?}"
+            );
+        }
+        // A line not yet complete is not judged.
+        assert_eq!(lines_well_formed(b"GET / HTTP/1.1\r\nno col", 0), Some(16));
     }
 
     fn response(raw: &str, head_request: bool) -> Result<ResponseHead, String> {

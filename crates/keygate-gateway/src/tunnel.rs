@@ -3,6 +3,8 @@
 //! every request forwarded by [`crate::forward::forward_https`].
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -72,22 +74,25 @@ pub(crate) async fn run(
     if !agent_h2 && shared.config.http1_fast_path && !shared.fast_h1.http2_only(&dest) {
         match crate::fast_h1::serve(&shared, &dest, token_hash, tls).await {
             crate::fast_h1::End::Closed => {}
-            crate::fast_h1::End::HandOff(rest) => {
-                serve_with_hyper(shared, Arc::new(dest), token_hash, rest).await
+            crate::fast_h1::End::HandOff { rest, served } => {
+                serve_with_hyper(shared, Arc::new(dest), token_hash, rest, served).await
             }
         }
         return;
     }
-    serve_with_hyper(shared, Arc::new(dest), token_hash, tls).await
+    serve_with_hyper(shared, Arc::new(dest), token_hash, tls, false).await
 }
 
 /// Serves the tunnel's requests with hyper (HTTP/1.1 or HTTP/2, by what
-/// the agent speaks), each forwarded by [`forward::forward_https`].
+/// the agent speaks; HTTP/1.1 only when `http1` because the connection
+/// already carried an HTTP/1.1 exchange), each forwarded by
+/// [`forward::forward_https`].
 async fn serve_with_hyper<S>(
     shared: Arc<Shared>,
     dest: Arc<Destination>,
     token_hash: TokenHash,
     io: S,
+    http1: bool,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -103,6 +108,19 @@ async fn serve_with_hyper<S>(
         }
     });
     let max_header = shared.config.max_header_bytes.max(8192);
+    let io = TokioIo::new(io);
+    if http1 {
+        // The auto builder below would take an HTTP/2 preface sent later
+        // on this connection as a switch to HTTP/2.
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.config.header_read_timeout)
+            .max_buf_size(max_header);
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        until_done(&shared, conn, |c| c.graceful_shutdown()).await;
+        return;
+    }
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -117,7 +135,17 @@ async fn serve_with_hyper<S>(
         .enable_connect_protocol()
         .keep_alive_interval(Some(shared.config.header_read_timeout))
         .keep_alive_timeout(shared.config.handshake_timeout);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    until_done(&shared, conn, |c| c.graceful_shutdown()).await;
+}
+
+/// Drives a hyper connection to its end; once the gateway shuts down, it
+/// finishes what is in flight and takes no new request.
+async fn until_done<C, E>(shared: &Shared, conn: C, graceful_shutdown: impl FnOnce(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     let mut closing = shared.closing.subscribe();
     let result = tokio::select! {
@@ -128,7 +156,7 @@ async fn serve_with_hyper<S>(
         biased;
         r = conn.as_mut() => r,
         _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-            conn.as_mut().graceful_shutdown();
+            graceful_shutdown(conn.as_mut());
             conn.await
         }
     };

@@ -1289,3 +1289,85 @@ async fn a_stalled_request_body_is_bounded_by_the_response_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_head_is_answered_at_once_even_before_it_ends() {
+    // Each head is malformed in a line already complete, and has no blank
+    // line yet: keygate must answer 400 at once, not hold the tunnel
+    // unanswered until the header timeout (30 s, past LIMIT). hyper's path
+    // answers only a malformed request line at once (a head that arrives
+    // in pieces is parsed once complete), so the other cases are the fast
+    // path's own.
+    let w = world(|_| None).await;
+    let cases: [(&str, &[u8]); 3] = [
+        ("request line", b"NOT A REQUEST\r\n"),
+        (
+            "header line",
+            b"GET /v1/malformed HTTP/1.1\r\nHost: h1.test\r\nno colon here\r\n",
+        ),
+        (
+            "header line in a later write",
+            b"GET /v1/malformed HTTP/1.1\r\nHost: h1.test\r\n",
+        ),
+    ];
+    within(async {
+        for (case, bytes) in cases {
+            if case != "request line" && !fast_path() {
+                continue;
+            }
+            for served_first in [false, true] {
+                let mut c = w.open().await;
+                if served_first {
+                    get_ok(&mut c, "/v1/first").await;
+                }
+                c.send(bytes).await.expect("write");
+                if case == "header line in a later write" {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    c.send(b"x-fine: 1\r\nbad header\r\n").await.expect("write");
+                }
+                let r = c
+                    .read_response(false)
+                    .await
+                    .unwrap_or_else(|e| panic!("{case} (served first: {served_first}): {e}"));
+                assert_eq!(
+                    r.status(),
+                    400,
+                    "{case} (served first: {served_first}): {r:?}"
+                );
+                if fast_path() {
+                    assert_eq!(r.header("keygate-error"), Some("bad_request"), "{r:?}");
+                }
+            }
+        }
+        assert!(w.up.with_target("/v1/malformed").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_carried_http1_never_switches_to_http2() {
+    // After an HTTP/1.1 exchange, an HTTP/2 preface on the same connection
+    // is not HTTP/1.1: hyper alone closes (or answers in HTTP/1.1). It must
+    // never be taken as a switch to HTTP/2 (a SETTINGS frame back).
+    let w = world(|_| None).await;
+    within(async {
+        let mut c = w.open().await;
+        get_ok(&mut c, "/v1/first").await;
+        c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::io::AsyncReadExt::read_to_end(&mut c.io, &mut got),
+        )
+        .await;
+        let got = [c.buf.as_slice(), &got].concat();
+        assert!(
+            got.is_empty() || got.starts_with(b"HTTP/1.1 "),
+            "an HTTP/2 answer on an HTTP/1.1 connection: {:?}",
+            &got[..got.len().min(40)]
+        );
+    })
+    .await;
+}

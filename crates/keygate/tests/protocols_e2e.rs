@@ -696,9 +696,9 @@ async fn silent_and_idle_agents_are_dropped() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn silent_and_slow_upstreams_answer_504() {
-    // An upstream that accepts TCP and then never speaks.
+/// An upstream that accepts TCP and then never speaks: `--resolve`
+/// `silent.test:443` to it.
+async fn silent_upstream() -> String {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -709,7 +709,50 @@ async fn silent_and_slow_upstreams_answer_504() {
             held.push(s);
         }
     });
-    let resolve = format!("silent.test:443={silent_addr}");
+    format!("silent.test:443={silent_addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_timeout_bounds_the_upstream_dial_too() {
+    // Connecting (TLS to an upstream that never speaks) would take up to
+    // the 5 s connect timeout; the whole request may take only 1 s.
+    let resolve = silent_upstream().await;
+    let w = world_with(
+        &[
+            "--connect-timeout",
+            "5",
+            "--total-timeout",
+            "1",
+            "--resolve",
+            &resolve,
+        ],
+        None,
+    )
+    .await;
+    for proto in [AgentProto::Http1, AgentProto::Http2] {
+        let mut conn = w.conn("silent.test", proto).await;
+        let started = Instant::now();
+        let resp = conn
+            .send(request(proto, "GET", "silent.test", "/json", empty_body()))
+            .await
+            .expect("an answer");
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 504, "{proto:?}");
+        let body = body_json(resp).await;
+        assert_eq!(
+            body["error"]["code"], "upstream_timeout",
+            "{proto:?}: {body}"
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(1900),
+            "{proto:?}: answered after {took:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_slow_upstreams_answer_504() {
+    let resolve = silent_upstream().await;
     let w = world_with(
         &[
             "--connect-timeout",
