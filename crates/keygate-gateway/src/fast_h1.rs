@@ -462,10 +462,18 @@ fn upstream_head(
         out.extend_from_slice(q.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    if dest.port == 443 {
-        out.extend_from_slice(dest.authority_without_port().as_bytes());
-    } else {
-        out.extend_from_slice(dest.authority().as_bytes());
+    // The authority, written in place (no string built per request).
+    let ipv6 = dest.host.contains(':');
+    if ipv6 {
+        out.push(b'[');
+    }
+    out.extend_from_slice(dest.host.as_bytes());
+    if ipv6 {
+        out.push(b']');
+    }
+    if dest.port != 443 {
+        out.push(b':');
+        out.extend_from_slice(itoa::Buffer::new().format(dest.port).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
@@ -476,6 +484,13 @@ fn upstream_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// `content-length: N` and its CRLF (no string formatted per response).
+fn push_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A path that can stand in a request line as it is: no space, control
@@ -611,14 +626,12 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
         out.extend_from_slice(b"\r\n");
     }
     match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
-        }
+        Framing::Length(n) => push_content_length(&mut out, n),
         // What the body of a GET would be (HEAD), or of the cached
         // representation (304); 1xx and 204 never have one.
         Framing::Empty if status == 304 || (head_request && status >= 200 && status != 204) => {
             if let Ok(Some(n)) = length {
-                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+                push_content_length(&mut out, n);
             }
         }
         Framing::Empty => {}
@@ -1626,6 +1639,21 @@ mod tests {
             String::from_utf8(head).unwrap(),
             "GET / HTTP/1.1\r\nhost: [::1]:8443\r\n\r\n"
         );
+        for (host, port, want) in [
+            ("::1", 443, "[::1]"),
+            ("api.test", 8443, "api.test:8443"),
+            ("api.test", 1, "api.test:1"),
+        ] {
+            let dest = Destination {
+                host: host.into(),
+                port,
+            };
+            let head = upstream_head(&dest, &Method::GET, "/", None, &HeaderMap::new());
+            assert_eq!(
+                String::from_utf8(head).unwrap(),
+                format!("GET / HTTP/1.1\r\nhost: {want}\r\n\r\n")
+            );
+        }
         assert!(request_line_safe("/v1/a%20b~c"));
         assert!(request_line_safe("/caf\u{e9}"));
         for bad in ["", "v1", "/a b", "/a\r\nx: y", "/a\tb", "/a\u{7f}", "/a\0"] {
