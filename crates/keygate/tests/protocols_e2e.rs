@@ -353,6 +353,15 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
+    // On a fresh tunnel, and after a request keygate's HTTP/1.1 path
+    // served on the same tunnel (the upgrade is then handed to hyper's
+    // HTTP/1.1-only server).
+    for get_first in [false, true] {
+        websocket_upgrade(get_first).await;
+    }
+}
+
+async fn websocket_upgrade(get_first: bool) {
     let w = world_with(&["--upgrade-idle-timeout", "2"], None).await;
     let mut tls = agent_tls(
         w.kg.proxy,
@@ -364,6 +373,25 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
     )
     .await
     .expect("tunnel");
+    if get_first {
+        tls.write_all(
+            b"GET /json HTTP/1.1\r\nHost: stream.test\r\nAuthorization: Bearer placeholder\r\n\r\n",
+        )
+        .await
+        .expect("write GET");
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .expect("content-length");
+        let mut body = vec![0u8; len];
+        tls.read_exact(&mut body).await.expect("GET body");
+    }
     tls.write_all(
         b"GET /ws?room=1 HTTP/1.1\r\nHost: stream.test\r\nConnection: Upgrade\r\n\
           Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
