@@ -416,18 +416,25 @@ fn lines_well_formed(buf: &[u8], from: usize) -> Option<usize> {
     let upto = from + last + 1;
     let lines = &buf[from..upto];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    if from == 0 {
+    let checked = if from == 0 {
         // Empty lines before the request line are skipped (as httparse
         // and hyper skip them): the request line is checked when it is
         // whole.
         if lines.iter().all(|b| matches!(b, b'\r' | b'\n')) {
             return Some(0);
         }
-        httparse::Request::new(&mut headers).parse(lines).ok()?;
+        httparse::Request::new(&mut headers)
+            .parse(lines)
+            .map(|_| ())
     } else {
-        httparse::parse_headers(lines, &mut headers).ok()?;
+        httparse::parse_headers(lines, &mut headers).map(|_| ())
+    };
+    match checked {
+        // Too many headers is not malformed: hyper answers the whole head
+        // (431).
+        Ok(()) | Err(httparse::Error::TooManyHeaders) => Some(upto),
+        Err(_) => None,
     }
-    Some(upto)
 }
 
 /// Where the head at the start of `buf` ends: just past its first empty
@@ -1440,6 +1447,12 @@ mod tests {
         }
         // A line not yet complete is not judged.
         assert_eq!(lines_well_formed(b"GET / HTTP/1.1\r\nno col", 0), Some(16));
+        // Many headers arriving together are not malformed (hyper answers
+        // 431 for too many, once the head is whole).
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}");
+        assert_eq!(lines_well_formed(head.as_bytes(), 0), Some(head.len()));
+        assert_eq!(lines_well_formed(head.as_bytes(), 16), Some(head.len()));
     }
 
     fn response(raw: &str, head_request: bool) -> Result<ResponseHead, String> {
