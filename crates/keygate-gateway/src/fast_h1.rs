@@ -423,6 +423,11 @@ fn lines_well_formed(buf: &[u8], from: usize) -> Option<usize> {
         if lines.iter().all(|b| matches!(b, b'\r' | b'\n')) {
             return Some(0);
         }
+        // The start of an HTTP/2 preface (prior knowledge) that arrived
+        // in pieces: hyper takes the whole preface as HTTP/2.
+        if lines.starts_with(b"PRI * HTTP/2.0\r\n") {
+            return Some(upto);
+        }
         httparse::Request::new(&mut headers)
             .parse(lines)
             .map(|_| ())
@@ -1447,6 +1452,8 @@ mod tests {
         }
         // A line not yet complete is not judged.
         assert_eq!(lines_well_formed(b"GET / HTTP/1.1\r\nno col", 0), Some(16));
+        // Nor is the first line of an HTTP/2 preface.
+        assert_eq!(lines_well_formed(b"PRI * HTTP/2.0\r\n", 0), Some(16));
         // Many headers arriving together are not malformed (hyper answers
         // 431 for too many, once the head is whole).
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();

@@ -1371,3 +1371,26 @@ async fn a_connection_that_carried_http1_never_switches_to_http2() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_preface_in_pieces_on_a_fresh_connection_is_still_http2() {
+    // HTTP/2 with prior knowledge (no ALPN h2): hyper serves it as HTTP/2,
+    // however the preface arrives. Its first line alone is not refused as
+    // a malformed HTTP/1.1 head.
+    let w = world(|_| None).await;
+    within(async {
+        let mut c = w.open().await;
+        c.send(b"PRI * HTTP/2.0\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.send(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .expect("write");
+        let mut got = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut c.io, &mut got)
+            .await
+            .expect("a frame back");
+        // A SETTINGS frame (type 4) on stream 0.
+        assert_eq!((got[3], &got[5..9]), (4, &[0u8; 4][..]), "{got:?}");
+    })
+    .await;
+}
