@@ -2,12 +2,13 @@
 //! guard, dial only checked addresses (next one on failure), then TLS with
 //! the destination's name as SNI and verification against our roots.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -30,7 +31,18 @@ pub struct UpstreamConnector {
     /// need an HTTP/1.1 connection of their own.
     tls_http1: TlsConnector,
     connect_timeout: Duration,
+    /// Connections dialled (offering h2 and HTTP/1.1) to learn what an
+    /// upstream speaks, on which it chose HTTP/1.1: the pooled client's
+    /// next dial to that destination takes it instead of dialling again.
+    spares: Arc<Mutex<Spares>>,
 }
+
+/// Spare connections by host and port, with when each was dialled.
+type Spares = HashMap<(String, u16), (Instant, TlsStream<TcpStream>)>;
+
+/// A spare connection older than this is not handed out (the request that
+/// dialled it takes it at once; one left behind is stale).
+const SPARE_MAX_AGE: Duration = Duration::from_secs(5);
 
 impl UpstreamConnector {
     pub fn new(
@@ -45,7 +57,27 @@ impl UpstreamConnector {
             tls: TlsConnector::from(tls),
             tls_http1: TlsConnector::from(Arc::new(http1)),
             connect_timeout,
+            spares: Arc::default(),
         }
+    }
+
+    /// Keeps `tls` (to `dest`, HTTP/1.1 chosen by ALPN) for the pooled
+    /// client's next dial to `dest`.
+    pub(crate) fn keep_spare(&self, dest: &crate::forward::Destination, tls: TlsStream<TcpStream>) {
+        let key = (dest.host.clone(), dest.port);
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        spares.retain(|_, (since, _)| now.duration_since(*since) < SPARE_MAX_AGE);
+        spares.insert(key, (now, tls));
+    }
+
+    fn take_spare(&self, host: &str, port: u16) -> Option<TlsStream<TcpStream>> {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.is_empty() {
+            return None;
+        }
+        let (since, tls) = spares.remove(&(host.to_string(), port))?;
+        (since.elapsed() < SPARE_MAX_AGE).then_some(tls)
     }
 
     /// Dials `uri` (checked by the egress guard) offering only HTTP/1.1, for
@@ -79,7 +111,32 @@ impl UpstreamConnector {
         }
     }
 
+    /// Dials the destination over TLS offering h2 and HTTP/1.1 (what the
+    /// upstream chose is the stream's ALPN protocol).
+    pub(crate) async fn connect_tls(
+        &self,
+        dest: &crate::forward::Destination,
+    ) -> Result<TlsStream<TcpStream>, GatewayError> {
+        let uri = Uri::try_from(dest.https_uri("/", None))
+            .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "invalid destination"))?;
+        match self.clone().dial(uri, self.tls.clone()).await {
+            Ok(UpstreamStream::Tls(tls)) => Ok(tls.into_inner()),
+            Ok(UpstreamStream::Plain(_)) => Err(GatewayError::new(
+                ErrorCode::Internal,
+                "plain connection for an https destination",
+            )),
+            Err(e) => Err(e.into_gateway()),
+        }
+    }
+
     async fn connect(self, uri: Uri) -> Result<UpstreamStream, GatewayError> {
+        if uri.scheme_str() == Some("https") {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if let Some(tls) = self.take_spare(host, uri.port_u16().unwrap_or(443)) {
+                return Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))));
+            }
+        }
         let tls = self.tls.clone();
         self.dial(uri, tls).await.map_err(DialError::into_gateway)
     }

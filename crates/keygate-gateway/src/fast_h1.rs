@@ -189,9 +189,11 @@ pub(crate) async fn sweep_until_closed(shared: std::sync::Weak<Shared>) {
         }
         let Some(s) = shared.upgrade() else { return };
         s.fast_h1.sweep(s.config.pool_idle_timeout);
+        s.h2.sweep(s.config.pool_idle_timeout);
     }
     if let Some(s) = shared.upgrade() {
         s.fast_h1.clear();
+        s.h2.clear();
     }
 }
 

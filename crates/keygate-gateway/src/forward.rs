@@ -369,11 +369,28 @@ async fn send(
         let head = tokio::time::Instant::now() + shared.config.response_timeout;
         total_deadline.map_or(head, |t| t.min(head))
     };
-    let result = tokio::time::timeout_at(head_deadline, shared.client.request(req)).await;
+    let upstream = async {
+        // https destinations go over the destination's HTTP/2 connection
+        // when the upstream speaks HTTP/2, else through the pooled client.
+        let req = if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+            match crate::h2_upstream::send(shared, dest, req).await? {
+                crate::h2_upstream::Routed::Sent(resp) => {
+                    return Ok(resp.map(|b| b.boxed()));
+                }
+                crate::h2_upstream::Routed::Pooled(req) => req,
+            }
+        } else {
+            req
+        };
+        match shared.client.request(req).await {
+            Ok(resp) => Ok(resp.map(|b| b.map_err(BodyError::from).boxed())),
+            Err(e) => Err(upstream_error(&e, dest)),
+        }
+    };
+    let result = tokio::time::timeout_at(head_deadline, upstream).await;
     let resp = match result {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            let err = upstream_error(&e, dest);
+        Ok(Err(err)) => {
             return refuse(shared, log, agent, &err).await;
         }
         Err(_) => {
@@ -396,7 +413,7 @@ async fn send(
     emit(shared, event).await;
     let body = match total_deadline {
         Some(at) => crate::deadline::Deadline::new(body, at).boxed(),
-        None => body.map_err(BodyError::from).boxed(),
+        None => body,
     };
     Response::from_parts(parts, body)
 }

@@ -32,6 +32,7 @@ pub mod egress;
 pub mod error;
 mod fast_h1;
 mod forward;
+mod h2_upstream;
 pub mod proxy;
 pub mod tls;
 pub mod tunnel;
@@ -130,6 +131,8 @@ pub(crate) struct Shared {
     pub connector: UpstreamConnector,
     /// Idle upstream connections of the HTTP/1.1 fast path.
     pub fast_h1: fast_h1::Pool,
+    /// HTTP/2 upstream connections, one per destination.
+    pub h2: h2_upstream::H2Upstreams,
     /// Flips to `true` when the gateway stops: connections finish their
     /// in-flight requests and close.
     pub closing: watch::Sender<bool>,
@@ -175,6 +178,7 @@ impl Gateway {
                 client,
                 connector,
                 fast_h1: fast_h1::Pool::default(),
+                h2: h2_upstream::H2Upstreams::default(),
                 closing,
                 audit,
                 config,
@@ -193,9 +197,8 @@ impl Gateway {
         drain: Duration,
     ) {
         let max = self.shared.config.max_connections;
-        if self.shared.config.http1_fast_path {
-            tokio::spawn(fast_h1::sweep_until_closed(Arc::downgrade(&self.shared)));
-        }
+        // Both upstream pools (the fast path's and the HTTP/2 one).
+        tokio::spawn(fast_h1::sweep_until_closed(Arc::downgrade(&self.shared)));
         let limit = Arc::new(Semaphore::new(max));
         tokio::pin!(shutdown);
         loop {

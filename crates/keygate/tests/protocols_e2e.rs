@@ -296,6 +296,58 @@ async fn large_bodies_stream_both_ways_in_constant_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn trailers_cross_both_http2_legs_in_both_directions() {
+    // gRPC's shape: a request body with trailers, a response whose status
+    // is in its trailers. Both upstreams speak HTTP/2 to keygate.
+    let w = world_with(&[], None).await;
+    for host in ["stream.test", "h2.test"] {
+        let mut conn = w.conn(host, AgentProto::Http2).await;
+        let mut sent = http::HeaderMap::new();
+        sent.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+        let body = test_support::http_body_util::Full::new(
+            test_support::bytes::Bytes::from_static(b"hello"),
+        )
+        .map_err(|never| match never {})
+        .with_trailers(async move { Some(Ok(sent)) })
+        .boxed();
+        let mut req = request(AgentProto::Http2, "POST", host, "/trailers", body);
+        req.headers_mut()
+            .insert("te", http::HeaderValue::from_static("trailers"));
+        let resp = conn.send(req).await.expect("an answer");
+        assert_eq!(resp.status(), 200, "{host}");
+        let got = resp.into_body().collect().await.expect("whole body");
+        let trailers = got.trailers().cloned().expect("response trailers");
+        assert_eq!(trailers["grpc-status"], "0", "{host}");
+        assert_eq!(
+            trailers.get("x-echo-x-checksum").map(|v| v.as_bytes()),
+            Some(&b"abc123"[..]),
+            "{host}: the request's trailers reach the upstream"
+        );
+        assert_eq!(&got.to_bytes()[..], b"hello", "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_closing_its_http2_connection_after_each_request_loses_none() {
+    // `goaway=1`: the upstream sends GOAWAY after each response, as servers
+    // do after so many requests on a connection; keygate dials a new one.
+    let w = world_with(&[], None).await;
+    for proto in [AgentProto::Http2, AgentProto::Http1] {
+        let mut conn = w.conn("h2.test", proto).await;
+        for i in 0..8 {
+            let req = request(proto, "GET", "h2.test", "/json?goaway=1", empty_body());
+            let resp = conn.send(req).await.expect("an answer");
+            assert_eq!(resp.status(), 200, "{proto:?}, request {i}");
+            let seen = body_json(resp).await;
+            assert_eq!(
+                seen_header(&seen, "authorization"),
+                vec![format!("Bearer {SECRET}")]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http2_and_http1_mix_across_the_two_legs_with_injection() {
     let w = world().await;
     // (agent protocol, upstream host, protocol the upstream must see)

@@ -11,9 +11,13 @@
 //! - `/sink`: reads the request body and answers `{"received": N, ...}`.
 //! - `/ws`: with `Upgrade`, answers 101 and echoes every byte back until
 //!   the client closes.
+//! - `/trailers`: echoes the request body, then trailers: the request's
+//!   own (each name prefixed `x-echo-`) and `grpc-status: 0`.
 //! - anything else: JSON with the method, target, version and headers.
 //!
-//! On any route, `delay_ms=N` in the query delays the response head by N ms.
+//! On any route, `delay_ms=N` in the query delays the response head by N ms,
+//! and `goaway=1` closes the connection gracefully after the response
+//! (HTTP/2: GOAWAY), as servers do after so many requests.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -110,12 +114,20 @@ impl StreamUpstream {
                         seen,
                         on,
                     };
-                    let service = service_fn(|req| async move {
-                        // Any route: `delay_ms=N` holds the response head back.
-                        if let Some(ms) = query(&req, "delay_ms") {
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let goaway = Arc::new(tokio::sync::Notify::new());
+                    let asked = goaway.clone();
+                    let service = service_fn(move |req| {
+                        let asked = asked.clone();
+                        async move {
+                            // Any route: `delay_ms=N` holds the response head back.
+                            if let Some(ms) = query(&req, "delay_ms") {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            if query(&req, "goaway") == Some(1) {
+                                asked.notify_one();
+                            }
+                            Ok::<_, Infallible>(route(req))
                         }
-                        Ok::<_, Infallible>(route(req))
                     });
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     if h2 {
@@ -123,9 +135,16 @@ impl StreamUpstream {
                     } else if alpn == Alpn::Http1Only {
                         builder = builder.http1_only();
                     }
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await;
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = goaway.notified() => {
+                            // In-flight requests (the one that asked) finish.
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 });
             }
         });
@@ -290,6 +309,23 @@ fn streamed(
     resp
 }
 
+/// A body fed frame by frame (data, then trailers) from a channel.
+struct FrameChannel {
+    rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
+}
+
+impl hyper::body::Body for FrameChannel {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
 /// A body fed chunk by chunk from a channel.
 struct ChannelBody {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
@@ -377,6 +413,40 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
                 let _ = tx.send(Bytes::from(desc.to_string())).await;
             });
             streamed("application/json", rx, None)
+        }
+        "/trailers" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut trailers = http::HeaderMap::new();
+                while let Some(Ok(frame)) = body.frame().await {
+                    match frame.into_data() {
+                        Ok(d) => {
+                            if tx.send(Frame::data(d)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(f) => {
+                            if let Ok(t) = f.into_trailers() {
+                                for (name, value) in &t {
+                                    let echo = format!("x-echo-{name}");
+                                    if let Ok(n) = http::HeaderName::from_bytes(echo.as_bytes()) {
+                                        trailers.insert(n, value.clone());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                let _ = tx.send(Frame::trailers(trailers)).await;
+            });
+            let mut resp = Response::new(BodyExt::boxed(FrameChannel { rx }));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            resp
         }
         "/ws" if req.headers().contains_key(header::UPGRADE) => {
             let desc = describe(&req);

@@ -1,0 +1,321 @@
+//! HTTP/2 upstream connections driven with the `h2` crate directly: one
+//! connection per destination, shared by every tunnel. A request goes from
+//! its agent-side task straight onto an upstream stream, with no pool
+//! checkout, dispatch channel or per-request task in between (hyper-util's
+//! pooled client has all three: 7.5 % of an HTTP/2 request's instructions,
+//! bench/README.md). A destination whose upstream chooses HTTP/1.1 is
+//! remembered and left to the pooled client, which takes over the
+//! connection that found out (no second dial).
+//!
+//! A connection unused for `--pool-idle` is dropped by the sweep; one the
+//! upstream ended (GOAWAY, reset) is replaced at the next request.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame};
+use hyper::body::Incoming;
+use keygate_core::ErrorCode;
+
+use crate::forward::Destination;
+use crate::{BodyError, GatewayError, Shared};
+
+/// What is known of a destination's upstream.
+#[derive(Clone)]
+enum Known {
+    H2(SendRequest<Bytes>),
+    /// It chose HTTP/1.1 when offered both.
+    Http1,
+}
+
+struct Entry {
+    known: Known,
+    used: Instant,
+}
+
+/// The HTTP/2 upstream connections, by destination.
+#[derive(Default)]
+pub(crate) struct H2Upstreams {
+    conns: Mutex<HashMap<Destination, Entry>>,
+}
+
+/// Where a request went.
+pub(crate) enum Routed {
+    /// Sent over HTTP/2; the upstream's response.
+    Sent(Response<H2Body>),
+    /// The upstream speaks HTTP/1.1: the request, untouched, for the pooled
+    /// client.
+    Pooled(Request<Incoming>),
+}
+
+impl H2Upstreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Destination, Entry>> {
+        // A panic elsewhere while holding the lock leaves plain data behind.
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What is known of `dest`, marking it used.
+    fn get(&self, dest: &Destination) -> Option<Known> {
+        let mut conns = self.lock();
+        let entry = conns.get_mut(dest)?;
+        entry.used = Instant::now();
+        Some(entry.known.clone())
+    }
+
+    fn set(&self, dest: &Destination, known: Known) {
+        let entry = Entry {
+            known,
+            used: Instant::now(),
+        };
+        // Dropped outside the lock (a replaced connection may close).
+        let old = self.lock().insert(dest.clone(), entry);
+        drop(old);
+    }
+
+    fn forget(&self, dest: &Destination) {
+        let old = self.lock().remove(dest);
+        drop(old);
+    }
+
+    /// Drops what was not used for `max_idle`: an HTTP/2 connection closes
+    /// once the streams still open on it end; an upstream remembered as
+    /// HTTP/1.1 is asked again next time.
+    pub fn sweep(&self, max_idle: Duration) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        self.lock().retain(|_, e| {
+            let keep = now.duration_since(e.used) < max_idle;
+            if !keep {
+                gone.push(e.known.clone());
+            }
+            keep
+        });
+        drop(gone);
+    }
+
+    /// Drops every connection (the gateway is stopping); streams still
+    /// open finish first.
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+}
+
+/// Sends `req` (an `https://` URI naming `dest`, hop-by-hop headers
+/// removed) over the destination's HTTP/2 connection, dialling one when
+/// there is none or the pooled one has ended.
+pub(crate) async fn send(
+    shared: &Shared,
+    dest: &Destination,
+    req: Request<Incoming>,
+) -> Result<Routed, GatewayError> {
+    let Some(mut sender) = ready(shared, dest).await? else {
+        return Ok(Routed::Pooled(req));
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.version = http::Version::HTTP_2;
+    let end = body.is_end_stream();
+    let (response, stream) = sender
+        .send_request(Request::from_parts(parts, ()), end)
+        .map_err(|e| h2_error(&e, dest))?;
+    if !end {
+        tokio::spawn(pump(body, stream));
+    }
+    match response.await {
+        Ok(r) => Ok(Routed::Sent(r.map(|body| H2Body { body }))),
+        Err(e) => Err(h2_error(&e, dest)),
+    }
+}
+
+/// A sender ready for a new stream to `dest`: the pooled connection, or a
+/// new one when there is none or it has ended (after a GOAWAY no new
+/// stream is sent on it, so nothing is lost). `None`: the upstream speaks
+/// HTTP/1.1.
+async fn ready(
+    shared: &Shared,
+    dest: &Destination,
+) -> Result<Option<SendRequest<Bytes>>, GatewayError> {
+    match shared.h2.get(dest) {
+        Some(Known::Http1) => return Ok(None),
+        Some(Known::H2(sender)) => match sender.ready().await {
+            Ok(ready) => return Ok(Some(ready)),
+            Err(e) => {
+                tracing::debug!(upstream = %dest.authority(), error = %e, "upstream HTTP/2 connection ended; dialling a new one");
+                shared.h2.forget(dest);
+            }
+        },
+        None => {}
+    }
+    dial(shared, dest).await
+}
+
+/// Dials the destination offering h2 and HTTP/1.1. `None`: it chose
+/// HTTP/1.1 (remembered; the pooled client takes the connection).
+async fn dial(
+    shared: &Shared,
+    dest: &Destination,
+) -> Result<Option<SendRequest<Bytes>>, GatewayError> {
+    let tls = shared.connector.connect_tls(dest).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        shared.h2.set(dest, Known::Http1);
+        shared.connector.keep_spare(dest, tls);
+        return Ok(None);
+    }
+    // hyper's client defaults, and our header limit for responses.
+    let max_header =
+        u32::try_from(shared.config.max_header_bytes.max(16 * 1024)).unwrap_or(u32::MAX);
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(max_header)
+        .max_send_buffer_size(1024 * 1024)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| h2_error(&e, dest))?;
+    let authority = dest.authority();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(upstream = %authority, error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    shared.h2.set(dest, Known::H2(sender.clone()));
+    sender
+        .ready()
+        .await
+        .map(Some)
+        .map_err(|e| h2_error(&e, dest))
+}
+
+fn h2_error(e: &h2::Error, dest: &Destination) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::UpstreamUnreachable,
+        format!("upstream {} failed: {e}", dest.authority()),
+    )
+}
+
+/// Sends the agent's request body upstream as the upstream's flow control
+/// allows, then its trailers if any; resets the stream when the agent's
+/// body fails, so the upstream never takes a cut body for a whole one.
+async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
+    use http_body_util::BodyExt;
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(_)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+                continue;
+            }
+        };
+        while !data.is_empty() {
+            stream.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(_)) => continue,
+                // The stream was reset or the connection ended.
+                _ => return,
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            let last = data.is_empty() && body.is_end_stream();
+            if stream.send_data(chunk, last).is_err() || last {
+                return;
+            }
+        }
+    }
+}
+
+/// An upstream HTTP/2 response body. Received bytes are handed back to the
+/// upstream's flow control as the agent takes them, so a slow agent slows
+/// the upstream instead of filling keygate's memory.
+pub(crate) struct H2Body {
+    body: RecvStream,
+}
+
+impl HttpBody for H2Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match this.body.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = this.body.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+        match this.body.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(host: &str) -> Destination {
+        Destination {
+            host: host.into(),
+            port: 443,
+        }
+    }
+
+    #[test]
+    fn what_was_not_used_for_the_idle_time_is_forgotten() {
+        let pool = H2Upstreams::default();
+        pool.set(&dest("old.test"), Known::Http1);
+        pool.set(&dest("new.test"), Known::Http1);
+        pool.lock()
+            .get_mut(&dest("old.test"))
+            .expect("entry")
+            .used -= Duration::from_secs(120);
+        pool.sweep(Duration::from_secs(90));
+        assert!(pool.get(&dest("old.test")).is_none());
+        assert!(matches!(pool.get(&dest("new.test")), Some(Known::Http1)));
+        // A lookup marks the entry used: it survives the next sweep.
+        pool.lock()
+            .get_mut(&dest("new.test"))
+            .expect("entry")
+            .used -= Duration::from_secs(120);
+        assert!(pool.get(&dest("new.test")).is_some());
+        pool.sweep(Duration::from_secs(90));
+        assert!(pool.get(&dest("new.test")).is_some());
+        pool.clear();
+        assert!(pool.get(&dest("new.test")).is_none());
+    }
+}
