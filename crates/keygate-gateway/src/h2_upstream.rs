@@ -300,18 +300,12 @@ mod tests {
         let pool = H2Upstreams::default();
         pool.set(&dest("old.test"), Known::Http1);
         pool.set(&dest("new.test"), Known::Http1);
-        pool.lock()
-            .get_mut(&dest("old.test"))
-            .expect("entry")
-            .used -= Duration::from_secs(120);
+        pool.lock().get_mut(&dest("old.test")).expect("entry").used -= Duration::from_secs(120);
         pool.sweep(Duration::from_secs(90));
         assert!(pool.get(&dest("old.test")).is_none());
         assert!(matches!(pool.get(&dest("new.test")), Some(Known::Http1)));
         // A lookup marks the entry used: it survives the next sweep.
-        pool.lock()
-            .get_mut(&dest("new.test"))
-            .expect("entry")
-            .used -= Duration::from_secs(120);
+        pool.lock().get_mut(&dest("new.test")).expect("entry").used -= Duration::from_secs(120);
         assert!(pool.get(&dest("new.test")).is_some());
         pool.sweep(Duration::from_secs(90));
         assert!(pool.get(&dest("new.test")).is_some());
