@@ -1,6 +1,6 @@
 //! Per-request forwarding: re-authenticate, check the Host, normalise the
-//! path, select and inject credentials, send through the pooled client,
-//! and emit the audit event.
+//! path, select and inject credentials, send over the destination's HTTP/2
+//! connection or through the pooled client, and emit the audit event.
 
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -153,7 +153,9 @@ async fn ready(
         },
         None => {}
     }
-    dial(shared, dest).await
+    // Boxed: inline, the dial's state (TLS connector, handshake) would size
+    // every request's future, which hyper moves into each stream's task.
+    Box::pin(dial(shared, dest)).await
 }
 
 /// Dials the destination offering h2 and HTTP/1.1. `None`: it chose

@@ -5,7 +5,8 @@
 //! accept → auth (agent from Snapshot) → destination (CONNECT authority)
 //!   → egress guard (resolve, check) → TLS accept with minted leaf (SNI must
 //!   equal destination) → per request: host check, normalise, select
-//!   credential, inject → pooled upstream client (dials checked addresses)
+//!   credential, inject → upstream: the destination's HTTP/2 connection, or
+//!   the pooled client for HTTP/1.1 upstreams (both dial checked addresses)
 //!   → stream response back → AuditEvent into a bounded channel
 //! ```
 //!
