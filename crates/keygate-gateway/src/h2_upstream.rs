@@ -125,11 +125,19 @@ pub(crate) async fn send(
     let (response, stream) = sender
         .send_request(Request::from_parts(parts, ()), end)
         .map_err(|e| h2_error(&e, dest))?;
-    if !end {
-        tokio::spawn(pump(body, stream));
-    }
+    // The exchange is alive while this future, then the response body,
+    // holds `alive`: once both are gone (the agent left, a timeout), a
+    // body still being sent is cut off.
+    let alive = (!end).then(|| {
+        let (alive, gone) = tokio::sync::oneshot::channel();
+        tokio::spawn(pump(body, stream, gone));
+        alive
+    });
     match response.await {
-        Ok(r) => Ok(Routed::Sent(r.map(|body| H2Body { body }))),
+        Ok(r) => Ok(Routed::Sent(r.map(|body| H2Body {
+            body,
+            _alive: alive,
+        }))),
         Err(e) => Err(h2_error(&e, dest)),
     }
 }
@@ -205,12 +213,27 @@ fn h2_error(e: &h2::Error, dest: &Destination) -> GatewayError {
 }
 
 /// Sends the agent's request body upstream as the upstream's flow control
-/// allows, then its trailers if any; resets the stream when the agent's
-/// body fails, so the upstream never takes a cut body for a whole one.
-async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
+/// allows, then its trailers if any. The stream is reset when the agent's
+/// body fails (the upstream never takes a cut body for a whole one) or when
+/// the exchange is abandoned (`gone`), and the task ends when the upstream
+/// resets the stream: it never waits on a stream nobody wants.
+async fn pump<B>(
+    mut body: B,
+    mut stream: SendStream<Bytes>,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+) where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
     use http_body_util::BodyExt;
     loop {
-        let frame = match body.frame().await {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = &mut gone => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let frame = match frame {
             None => {
                 let _ = stream.send_data(Bytes::new(), true);
                 return;
@@ -233,7 +256,14 @@ async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
         };
         while !data.is_empty() {
             stream.reserve_capacity(data.len());
-            let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            let granted = tokio::select! {
+                c = std::future::poll_fn(|cx| stream.poll_capacity(cx)) => c,
+                _ = &mut gone => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    return;
+                }
+            };
+            let granted = match granted {
                 Some(Ok(n)) if n > 0 => n,
                 Some(Ok(_)) => continue,
                 // The stream was reset or the connection ended.
@@ -253,6 +283,8 @@ async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
 /// the upstream instead of filling keygate's memory.
 pub(crate) struct H2Body {
     body: RecvStream,
+    /// Keeps the request body's pump going (see [`pump`]).
+    _alive: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl HttpBody for H2Body {
@@ -313,5 +345,77 @@ mod tests {
         assert!(pool.get(&dest("new.test")).is_some());
         pool.clear();
         assert!(pool.get(&dest("new.test")).is_none());
+    }
+    /// A request body that never ends.
+    struct Endless;
+
+    impl HttpBody for Endless {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 16 * 1024])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_upload_to_a_stalled_upstream_is_reset_not_left_waiting() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        // The upstream takes the stream, then never reads: the request's
+        // flow-control window (64 KiB) fills and the pump waits for room.
+        let (got, mut stream_rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.expect("server");
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                let _ = got.send((req.into_body(), respond)).await;
+            }
+        });
+        let (sender, conn) = h2::client::handshake(client_io).await.expect("client");
+        tokio::spawn(conn);
+        let mut sender = sender.ready().await.expect("ready");
+        let req = Request::post("https://up.test/upload")
+            .body(())
+            .expect("req");
+        let (_response, stream) = sender.send_request(req, false).expect("sent");
+        let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+        let pumping = tokio::spawn(pump(Endless, stream, gone));
+        let (mut upload, _respond) = tokio::time::timeout(Duration::from_secs(5), stream_rx.recv())
+            .await
+            .expect("the upstream takes the stream")
+            .expect("stream");
+        // HTTP/2's initial window: 65,535 bytes.
+        let fill = async {
+            let mut received = 0;
+            while received < 65_535 {
+                let chunk = upload.data().await.expect("data").expect("no error");
+                received += chunk.len();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), fill)
+            .await
+            .expect("the window fills");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pumping.is_finished(), "waiting for flow-control room");
+        // The agent goes away: the exchange is abandoned.
+        drop(alive);
+        tokio::time::timeout(Duration::from_secs(5), pumping)
+            .await
+            .expect("the pump ends")
+            .expect("no panic");
+        let reset = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match upload.data().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return e.reason(),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the upstream sees the end");
+        assert_eq!(reset, Some(h2::Reason::CANCEL));
     }
 }
