@@ -37,8 +37,12 @@ pub struct UpstreamConnector {
     spares: Arc<Mutex<Spares>>,
 }
 
-/// Spare connections by host and port, with when each was dialled.
-type Spares = HashMap<(String, u16), (Instant, TlsStream<TcpStream>)>;
+/// Spare connections by host and port, with when each was dialled (several
+/// when a burst of first requests dialled together).
+type Spares = HashMap<(String, u16), Vec<(Instant, TlsStream<TcpStream>)>>;
+
+/// Spare connections kept per destination at most.
+const SPARES_PER_DESTINATION: usize = 64;
 
 /// A spare connection older than this is not handed out (the request that
 /// dialled it takes it at once; one left behind is stale).
@@ -64,11 +68,27 @@ impl UpstreamConnector {
     /// Keeps `tls` (to `dest`, HTTP/1.1 chosen by ALPN) for the pooled
     /// client's next dial to `dest`.
     pub(crate) fn keep_spare(&self, dest: &crate::forward::Destination, tls: TlsStream<TcpStream>) {
-        let key = (dest.host.clone(), dest.port);
-        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        spares.retain(|_, (since, _)| now.duration_since(*since) < SPARE_MAX_AGE);
-        spares.insert(key, (now, tls));
+        let stale = {
+            let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stale = Vec::new();
+            spares.retain(|_, list| {
+                while list
+                    .first()
+                    .is_some_and(|(since, _)| now.duration_since(*since) >= SPARE_MAX_AGE)
+                {
+                    stale.push(list.remove(0));
+                }
+                !list.is_empty()
+            });
+            let list = spares.entry((dest.host.clone(), dest.port)).or_default();
+            if list.len() < SPARES_PER_DESTINATION {
+                list.push((now, tls));
+            }
+            stale
+        };
+        // Closed outside the lock.
+        drop(stale);
     }
 
     fn take_spare(&self, host: &str, port: u16) -> Option<TlsStream<TcpStream>> {
@@ -76,8 +96,16 @@ impl UpstreamConnector {
         if spares.is_empty() {
             return None;
         }
-        let (since, tls) = spares.remove(&(host.to_string(), port))?;
-        (since.elapsed() < SPARE_MAX_AGE).then_some(tls)
+        let key = (host.to_string(), port);
+        let list = spares.get_mut(&key)?;
+        let fresh = list
+            .pop()
+            .filter(|(since, _)| since.elapsed() < SPARE_MAX_AGE)
+            .map(|(_, tls)| tls);
+        if fresh.is_none() || list.is_empty() {
+            spares.remove(&key);
+        }
+        fresh
     }
 
     /// Dials `uri` (checked by the egress guard) offering only HTTP/1.1, for
