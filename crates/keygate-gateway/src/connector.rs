@@ -72,13 +72,13 @@ impl UpstreamConnector {
         let stale = {
             let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
             let mut stale = Vec::new();
+            // Each list is oldest first: its stale ones are a prefix.
             spares.retain(|_, list| {
-                while list
-                    .first()
-                    .is_some_and(|(since, _)| now.duration_since(*since) >= SPARE_MAX_AGE)
-                {
-                    stale.push(list.remove(0));
-                }
+                let fresh = list
+                    .iter()
+                    .position(|(since, _)| now.duration_since(*since) < SPARE_MAX_AGE)
+                    .unwrap_or(list.len());
+                stale.extend(list.drain(..fresh));
                 !list.is_empty()
             });
             let list = spares.entry((dest.host.clone(), dest.port)).or_default();
@@ -124,19 +124,7 @@ impl UpstreamConnector {
         &self,
         dest: &crate::forward::Destination,
     ) -> Result<TlsStream<TcpStream>, DialError> {
-        let uri = Uri::try_from(dest.https_uri("/", None)).map_err(|_| {
-            DialError::Failed(GatewayError::new(
-                ErrorCode::BadRequest,
-                "invalid destination",
-            ))
-        })?;
-        match self.clone().dial(uri, self.tls_http1.clone()).await? {
-            UpstreamStream::Tls(tls) => Ok(tls.into_inner()),
-            UpstreamStream::Plain(_) => Err(DialError::Failed(GatewayError::new(
-                ErrorCode::Internal,
-                "plain connection for an https destination",
-            ))),
-        }
+        self.dial_tls(dest, self.tls_http1.clone()).await
     }
 
     /// Dials the destination over TLS offering h2 and HTTP/1.1 (what the
@@ -145,15 +133,29 @@ impl UpstreamConnector {
         &self,
         dest: &crate::forward::Destination,
     ) -> Result<TlsStream<TcpStream>, GatewayError> {
-        let uri = Uri::try_from(dest.https_uri("/", None))
-            .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "invalid destination"))?;
-        match self.clone().dial(uri, self.tls.clone()).await {
-            Ok(UpstreamStream::Tls(tls)) => Ok(tls.into_inner()),
-            Ok(UpstreamStream::Plain(_)) => Err(GatewayError::new(
+        self.dial_tls(dest, self.tls.clone())
+            .await
+            .map_err(DialError::into_gateway)
+    }
+
+    /// Dials `dest` (an https destination) with `connector`'s ALPN offer.
+    async fn dial_tls(
+        &self,
+        dest: &crate::forward::Destination,
+        connector: TlsConnector,
+    ) -> Result<TlsStream<TcpStream>, DialError> {
+        let uri = Uri::try_from(dest.https_uri("/", None)).map_err(|_| {
+            DialError::Failed(GatewayError::new(
+                ErrorCode::BadRequest,
+                "invalid destination",
+            ))
+        })?;
+        match self.clone().dial(uri, connector).await? {
+            UpstreamStream::Tls(tls) => Ok(tls.into_inner()),
+            UpstreamStream::Plain(_) => Err(DialError::Failed(GatewayError::new(
                 ErrorCode::Internal,
                 "plain connection for an https destination",
-            )),
-            Err(e) => Err(e.into_gateway()),
+            ))),
         }
     }
 

@@ -296,7 +296,7 @@ fn describe(req: &Request<Incoming>) -> serde_json::Value {
 
 fn streamed(
     ctype: &'static str,
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
     len: Option<u64>,
 ) -> Response<StreamBodyT> {
     let mut resp = Response::new(BodyExt::boxed(ChannelBody { rx, len }));
@@ -309,26 +309,9 @@ fn streamed(
     resp
 }
 
-/// A body fed frame by frame (data, then trailers) from a channel.
-struct FrameChannel {
-    rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
-}
-
-impl hyper::body::Body for FrameChannel {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
-
-/// A body fed chunk by chunk from a channel.
+/// A body fed frame by frame (data, then trailers if any) from a channel.
 struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
     len: Option<u64>,
 }
 
@@ -340,9 +323,7 @@ impl hyper::body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+        self.rx.poll_recv(cx).map(|frame| frame.map(Ok))
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -366,7 +347,7 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
                         tokio::time::sleep(interval).await;
                     }
                     let ev = Bytes::from(format!("data: {{\"n\":{i}}}\n\n"));
-                    if tx.send(ev).await.is_err() {
+                    if tx.send(Frame::data(ev)).await.is_err() {
                         return;
                     }
                 }
@@ -385,7 +366,7 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
                 let mut left = n;
                 while left > 0 {
                     let take = left.min(chunk.len() as u64) as usize;
-                    if tx.send(chunk.slice(..take)).await.is_err() {
+                    if tx.send(Frame::data(chunk.slice(..take))).await.is_err() {
                         return;
                     }
                     left -= take as u64;
@@ -410,7 +391,7 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
                     }
                 }
                 desc["received"] = received.into();
-                let _ = tx.send(Bytes::from(desc.to_string())).await;
+                let _ = tx.send(Frame::data(Bytes::from(desc.to_string()))).await;
             });
             streamed("application/json", rx, None)
         }
@@ -441,12 +422,7 @@ fn route(mut req: Request<Incoming>) -> Response<StreamBodyT> {
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
                 let _ = tx.send(Frame::trailers(trailers)).await;
             });
-            let mut resp = Response::new(BodyExt::boxed(FrameChannel { rx }));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            resp
+            streamed("application/grpc", rx, None)
         }
         "/ws" if req.headers().contains_key(header::UPGRADE) => {
             let desc = describe(&req);
