@@ -128,6 +128,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYGATE_WORKERS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// Microseconds to keep polling for I/O after the last work before the
+    /// proxy thread sleeps (0: sleep at once). On virtual machines, where
+    /// waking a sleeping thread takes tens of microseconds, 50–200 cuts
+    /// the latency keygate adds to sequential requests, for up to that much
+    /// CPU after each burst of work. Needs a single worker (--workers 1,
+    /// the default on one or two cores).
+    #[arg(long, env = "KEYGATE_BUSY_POLL_US", value_name = "MICROS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub busy_poll_us: u32,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin_cmd;
+mod busy_poll;
 mod cli;
 mod client;
 mod paths;

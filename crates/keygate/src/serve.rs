@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
+use crate::busy_poll::BusyPoll;
 use crate::cli::ServeArgs;
 use crate::paths;
 
@@ -27,6 +28,11 @@ pub fn main(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<ExitCode> {
     let workers = args
         .workers
         .map_or_else(|| default_workers(available_cores()), usize::from);
+    if args.busy_poll_us > 0 && workers != 1 {
+        bail!(
+            "--busy-poll-us needs a single worker thread (--workers 1); {workers} were asked for"
+        );
+    }
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -34,10 +40,17 @@ pub fn main(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<ExitCode> {
         b.worker_threads(workers);
         b
     };
+    let busy_poll = (args.busy_poll_us > 0).then(|| {
+        let window = Duration::from_micros(args.busy_poll_us.into());
+        (BusyPoll::install(&mut builder), window)
+    });
     let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some((poll, window)) = busy_poll {
+        runtime.spawn(poll.run(window));
+    }
     runtime.block_on(serve(data_dir, args, workers))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -242,6 +255,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs, workers: usize) -> Re
         data_dir = %dir.display(),
         database = %keygate_store::redact_url(&url),
         workers,
+        busy_poll_us = args.busy_poll_us,
         "keygate is running"
     );
     eprintln!(

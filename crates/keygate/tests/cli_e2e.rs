@@ -300,3 +300,77 @@ async fn restart_reuses_keys_and_refuses_readable_key_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("master.key"), "{err}");
 }
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn process_cpu(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    // utime and stime: fields 14 and 15 of stat(5), in USER_HZ (100) ticks.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_serves_requests_and_sleeps_when_idle() {
+    let w = world_with(&["--workers", "1", "--busy-poll-us", "500"]).await;
+    w.add_openai();
+    let token = w.agent("bot", &["openai"]);
+    for proto in ["--http1.1", "--http2", "--http1.1"] {
+        w.up.clear();
+        let (ok, _, err) = w.curl(
+            &token,
+            &[
+                proto,
+                "-H",
+                "Authorization: Bearer placeholder",
+                "https://api.test/v1/chat",
+            ],
+        );
+        assert!(ok, "curl {proto} failed: {err}");
+        let seen = w.up.last().expect("upstream saw the request");
+        assert_eq!(
+            seen.header_all("authorization"),
+            vec![format!("Bearer {SECRET}")]
+        );
+    }
+    assert!(w.kg.logs().contains("busy_poll_us=500"), "{}", w.kg.logs());
+    // Polling stops 500 µs after the last wake-up: a second of idleness
+    // costs keygate (almost) nothing. A spinner that never stopped would
+    // cost the whole second.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = process_cpu(w.kg.pid());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let spent = process_cpu(w.kg.pid()) - before;
+    assert!(
+        spent < std::time::Duration::from_millis(300),
+        "idle keygate used {spent:?}"
+    );
+}
+
+#[test]
+fn busy_polling_needs_a_single_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--workers", "2", "--busy-poll-us", "100"])
+        .env("KEYGATE_DATA_DIR", dir.path().join("data"))
+        .env_remove("KEYGATE_BUSY_POLL_US")
+        .output()
+        .expect("run keygate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--busy-poll-us needs a single worker thread"),
+        "{err}"
+    );
+    // Refused before anything was created.
+    assert!(!dir.path().join("data").exists());
+}

@@ -18,6 +18,11 @@ pub struct World {
 }
 
 pub async fn world() -> World {
+    world_with(&[]).await
+}
+
+/// [`world`] with more `keygate serve` arguments.
+pub async fn world_with(extra: &[&str]) -> World {
     let up = Upstream::start(&["api.test", "other.test", "x.api.test", "localhost"]).await;
     let tls = up.tls_addr.to_string();
     let plain = up.plain_addr.to_string();
@@ -38,6 +43,7 @@ pub async fn world() -> World {
         args.push("--resolve".into());
         args.push(format!("{from}={to}"));
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let kg = Keygate::start(std::path::Path::new(BIN), &args);
     World { up, kg }
 }
