@@ -80,41 +80,43 @@ mod tests {
         Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
     }
 
+    /// The thread's CPU time during a `measured` sleep, on a runtime whose
+    /// spinner has a `window`: the thread is woken once from a real sleep
+    /// (so the spinner runs), then sleeps `settle` more before measuring.
+    #[cfg(target_os = "linux")]
+    fn cpu_while_sleeping(window: Duration, settle: Duration, measured: Duration) -> Duration {
+        let (rt, poll) = runtime();
+        rt.block_on(async {
+            tokio::spawn(poll.run(window));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(settle).await;
+            let before = thread_cpu();
+            tokio::time::sleep(measured).await;
+            thread_cpu() - before
+        })
+    }
+
     /// After the window the spinner stops and the thread sleeps: a second
     /// of idleness costs (almost) no CPU. Without the window's end it
     /// would cost the whole second.
     #[cfg(target_os = "linux")]
     #[test]
     fn an_idle_runtime_stops_spinning() {
-        let (rt, poll) = runtime();
-        rt.block_on(async {
-            tokio::spawn(poll.run(Duration::from_millis(20)));
-            // Wake the thread from a real sleep once, so the spinner runs.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let before = thread_cpu();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let spent = thread_cpu() - before;
-            assert!(spent < Duration::from_millis(200), "idle cost {spent:?}");
-        });
+        let ms = Duration::from_millis;
+        let spent = cpu_while_sleeping(ms(20), ms(50), ms(1000));
+        assert!(spent < ms(200), "idle cost {spent:?}");
     }
 
     /// After an unpark the spinner does spin: the thread stays busy for
-    /// about the window instead of sleeping through it.
+    /// about the window instead of sleeping through it. Sleeping through
+    /// it costs nothing; spinning costs most of the 250 ms unless other
+    /// busy threads share the core.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_wake_up_is_followed_by_the_window_of_polling() {
-        let (rt, poll) = runtime();
-        rt.block_on(async {
-            tokio::spawn(poll.run(Duration::from_millis(300)));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let before = thread_cpu();
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let spent = thread_cpu() - before;
-            // Sleeping through it costs nothing; spinning costs most of the
-            // 250 ms unless other busy threads share the core.
-            assert!(spent >= Duration::from_millis(50), "spun only {spent:?}");
-        });
+        let ms = Duration::from_millis;
+        let spent = cpu_while_sleeping(ms(300), ms(0), ms(250));
+        assert!(spent >= ms(50), "spun only {spent:?}");
     }
 
     /// Work that arrives while spinning is served: a timer and a task woken

@@ -285,19 +285,7 @@ async fn restart_reuses_keys_and_refuses_readable_key_files() {
         std::fs::Permissions::from_mode(0o640),
     )
     .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--proxy-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("KEYGATE_DATA_DIR", &data)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refused(&data, &[]);
     assert!(err.contains("master.key"), "{err}");
 }
 
@@ -318,22 +306,7 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     w.add_openai();
     let token = w.agent("bot", &["openai"]);
     for proto in ["--http1.1", "--http2", "--http1.1"] {
-        w.up.clear();
-        let (ok, _, err) = w.curl(
-            &token,
-            &[
-                proto,
-                "-H",
-                "Authorization: Bearer placeholder",
-                "https://api.test/v1/chat",
-            ],
-        );
-        assert!(ok, "curl {proto} failed: {err}");
-        let seen = w.up.last().expect("upstream saw the request");
-        assert_eq!(
-            seen.header_all("authorization"),
-            vec![format!("Bearer {SECRET}")]
-        );
+        w.curl_gets_the_real_key(&token, proto);
     }
     assert!(w.kg.logs().contains("busy_poll_us=500"), "{}", w.kg.logs());
     // Polling stops 500 µs after the last wake-up: a second of idleness
@@ -349,9 +322,9 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     );
 }
 
-#[test]
-fn busy_polling_needs_a_single_worker() {
-    let dir = tempfile::tempdir().unwrap();
+/// Runs `keygate serve` on `data` with `extra` arguments, expects it to
+/// refuse to start and returns what it printed on stderr.
+fn serve_refused(data: &std::path::Path, extra: &[&str]) -> String {
     let out = std::process::Command::new(BIN)
         .args([
             "serve",
@@ -360,17 +333,25 @@ fn busy_polling_needs_a_single_worker() {
             "--admin-listen",
             "127.0.0.1:0",
         ])
-        .args(["--workers", "2", "--busy-poll-us", "100"])
-        .env("KEYGATE_DATA_DIR", dir.path().join("data"))
+        .args(extra)
+        .env("KEYGATE_DATA_DIR", data)
         .env_remove("KEYGATE_BUSY_POLL_US")
+        .env_remove("KEYGATE_WORKERS")
         .output()
         .expect("run keygate");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "keygate serve {extra:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn busy_polling_needs_a_single_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let err = serve_refused(&data, &["--workers", "2", "--busy-poll-us", "100"]);
     assert!(
         err.contains("--busy-poll-us needs a single worker thread"),
         "{err}"
     );
     // Refused before anything was created.
-    assert!(!dir.path().join("data").exists());
+    assert!(!data.exists());
 }

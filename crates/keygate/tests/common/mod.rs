@@ -104,6 +104,30 @@ impl World {
         )
     }
 
+    /// curl (`proto`: `--http1.1` or `--http2`) through keygate to
+    /// api.test/v1/chat with the placeholder key: the request succeeds and
+    /// the upstream gets the real key and no proxy credentials.
+    pub fn curl_gets_the_real_key(&self, token: &str, proto: &str) {
+        self.up.clear();
+        let (ok, out, err) = self.curl(
+            token,
+            &[
+                proto,
+                "-H",
+                "Authorization: Bearer placeholder",
+                "https://api.test/v1/chat",
+            ],
+        );
+        assert!(ok, "curl {proto} failed: {err}");
+        assert!(out.contains("/v1/chat"), "{out}");
+        let seen = self.up.last().expect("upstream saw the request");
+        assert_eq!(
+            seen.header_all("authorization"),
+            vec![format!("Bearer {SECRET}")]
+        );
+        assert!(seen.header("proxy-authorization").is_none());
+    }
+
     /// Audit records as `keygate audit --json` prints them (oldest first).
     pub fn audit(&self) -> Vec<serde_json::Value> {
         // Records are written in batches off the hot path: wait briefly.
