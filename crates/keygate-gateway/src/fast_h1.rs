@@ -23,7 +23,6 @@
 //! malformed or ambiguous response head is a 502 and the upstream
 //! connection is dropped. A request is never sent twice.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -41,7 +40,7 @@ use tokio::time::Instant as Deadline;
 use tokio_rustls::client::TlsStream;
 
 use crate::connector::DialError;
-use crate::forward::{self, Destination, RequestLog};
+use crate::forward::{self, DestMap, Destination, RequestLog};
 use crate::{Body, GatewayError, Shared};
 
 /// Most headers a request or response head may have (hyper's default).
@@ -73,8 +72,8 @@ pub(crate) struct Pool {
 
 #[derive(Default)]
 struct PoolInner {
-    idle: HashMap<Destination, Vec<(Instant, Upstream)>>,
-    http2_only: std::collections::HashSet<Destination>,
+    idle: DestMap<Vec<(Instant, Upstream)>>,
+    http2_only: std::collections::HashSet<Destination, foldhash::fast::RandomState>,
 }
 
 impl Pool {
@@ -109,11 +108,9 @@ impl Pool {
     fn put(&self, dest: &Destination, up: Upstream, max_idle: std::time::Duration) {
         let now = Instant::now();
         let mut inner = self.lock();
-        // The key is copied only for a destination's first connection.
-        if !inner.idle.contains_key(dest) {
-            inner.idle.insert(dest.clone(), Vec::new());
-        }
         let Some(list) = inner.idle.get_mut(dest) else {
+            // The key is copied only for a destination's first connection.
+            inner.idle.insert(dest.clone(), vec![(now, up)]);
             return;
         };
         // The oldest is first: expired ones go only when there are some.

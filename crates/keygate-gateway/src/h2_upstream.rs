@@ -11,7 +11,6 @@
 //! sweep; one the upstream ended (GOAWAY, reset) is replaced at the next
 //! request.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
@@ -25,7 +24,7 @@ use http_body::{Body as HttpBody, Frame};
 use hyper::body::Incoming;
 use keygate_core::ErrorCode;
 
-use crate::forward::Destination;
+use crate::forward::{DestMap, Destination};
 use crate::{BodyError, GatewayError, Shared};
 
 /// What is known of a destination's upstream.
@@ -44,7 +43,7 @@ struct Entry {
 /// The HTTP/2 upstream connections, by destination.
 #[derive(Default)]
 pub(crate) struct H2Upstreams {
-    conns: Mutex<HashMap<Destination, Entry>>,
+    conns: Mutex<DestMap<Entry>>,
 }
 
 /// Where a request went.
@@ -57,7 +56,7 @@ pub(crate) enum Routed {
 }
 
 impl H2Upstreams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Destination, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DestMap<Entry>> {
         // A panic elsewhere while holding the lock leaves plain data behind.
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
