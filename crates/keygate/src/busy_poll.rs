@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// The hand-over between the runtime's unpark hook and the spinner task.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct BusyPoll {
     woke: Arc<Notify>,
 }
@@ -68,16 +68,11 @@ mod tests {
         (b.enable_all().build().unwrap(), poll)
     }
 
-    /// CPU time of this thread, from /proc (Linux only; elsewhere the
-    /// tests that need it do not run).
+    /// CPU time of this thread (Linux only; elsewhere the tests that
+    /// need it do not run).
     #[cfg(target_os = "linux")]
     fn thread_cpu() -> Duration {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split(' ').collect();
-        // utime and stime are fields 14 and 15 (1-based), 12 and 13 here.
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+        test_support::cpu_time("/proc/thread-self/stat")
     }
 
     /// The thread's CPU time during a `measured` sleep, on a runtime whose

@@ -289,17 +289,6 @@ async fn restart_reuses_keys_and_refuses_readable_key_files() {
     assert!(err.contains("master.key"), "{err}");
 }
 
-/// CPU time (user + system) of a process so far, from /proc.
-fn process_cpu(pid: u32) -> std::time::Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
-        .split(' ')
-        .collect();
-    // utime and stime: fields 14 and 15 of stat(5), in USER_HZ (100) ticks.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    std::time::Duration::from_millis(ticks * 10)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     let w = world_with(&["--workers", "1", "--busy-poll-us", "500"]).await;
@@ -313,9 +302,10 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     // costs keygate (almost) nothing. A spinner that never stopped would
     // cost the whole second.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = process_cpu(w.kg.pid());
+    let stat = format!("/proc/{}/stat", w.kg.pid());
+    let before = test_support::cpu_time(&stat);
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let spent = process_cpu(w.kg.pid()) - before;
+    let spent = test_support::cpu_time(&stat) - before;
     assert!(
         spent < std::time::Duration::from_millis(300),
         "idle keygate used {spent:?}"
