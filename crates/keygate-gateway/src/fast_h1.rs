@@ -41,6 +41,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::connector::DialError;
 use crate::forward::{self, DestMap, Destination, RequestLog};
+use crate::phase_timer::PhaseTimer;
 use crate::{Body, GatewayError, Shared};
 
 /// Most headers a request or response head may have (hyper's default).
@@ -805,6 +806,8 @@ struct Conn<'a, S> {
     agent: S,
     /// Bytes read from the agent and not yet consumed.
     buf: BytesMut,
+    /// The deadlines of every phase of every exchange.
+    timer: PhaseTimer,
 }
 
 /// Serves an HTTP/1.1 tunnel until it closes or must be handed to hyper.
@@ -823,6 +826,7 @@ where
         token_hash,
         agent,
         buf: BytesMut::new(),
+        timer: PhaseTimer::new(shortest_timeout(&shared.config)),
     };
     let mut closing = shared.closing.subscribe();
     let mut served = false;
@@ -939,7 +943,9 @@ where
             // few hundred bytes); it grows when a head needs more.
             self.buf
                 .reserve(if idle { IDLE_READ } else { READ_CHUNK.min(max) });
-            let read = tokio::time::timeout_at(deadline, self.agent.read_buf(&mut self.buf));
+            let read = self
+                .timer
+                .within(deadline, self.agent.read_buf(&mut self.buf));
             let n = tokio::select! {
                 r = read => match r {
                     Ok(Ok(n)) => n,
@@ -966,7 +972,11 @@ where
         let deadline = Deadline::now() + self.shared.config.response_timeout;
         self.buf.reserve(need - self.buf.len());
         while self.buf.len() < need {
-            match tokio::time::timeout_at(deadline, self.agent.read_buf(&mut self.buf)).await {
+            match self
+                .timer
+                .within(deadline, self.agent.read_buf(&mut self.buf))
+                .await
+            {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return false,
             }
@@ -1043,7 +1053,7 @@ where
             up.write_all(&out).await?;
             up.flush().await
         };
-        let sent = match tokio::time::timeout_at(head_deadline, sent).await {
+        let sent = match self.timer.within(head_deadline, sent).await {
             Ok(r) => r,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         };
@@ -1067,18 +1077,25 @@ where
         let head_request = parts.method == Method::HEAD;
         let mut ubuf = BytesMut::new();
         let resp = loop {
-            let resp =
-                match read_response_head(&mut up, &mut ubuf, head_request, head_deadline).await {
-                    Ok(r) => r,
-                    Err(err) => {
-                        let consumed = Framed {
-                            len: 0,
-                            body_len: 0,
-                            ..framed
-                        };
-                        return self.refuse(log, name, &err, consumed).await;
-                    }
-                };
+            let resp = match read_response_head(
+                &mut up,
+                &mut ubuf,
+                head_request,
+                &mut self.timer,
+                head_deadline,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(err) => {
+                    let consumed = Framed {
+                        len: 0,
+                        body_len: 0,
+                        ..framed
+                    };
+                    return self.refuse(log, name, &err, consumed).await;
+                }
+            };
             ubuf.advance(resp.len);
             if resp.status >= 200 {
                 break resp;
@@ -1186,7 +1203,9 @@ where
             }
             let read = up.read_buf(ubuf);
             let n = match total {
-                Some(at) => tokio::time::timeout_at(at, read)
+                Some(at) => self
+                    .timer
+                    .within(at, read)
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "total timeout"))??,
                 None => read.await?,
@@ -1267,6 +1286,13 @@ where
     }
 }
 
+/// The shortest timeout a phase of an exchange has (the lead of the
+/// tunnel's [`PhaseTimer`]).
+fn shortest_timeout(config: &crate::GatewayConfig) -> std::time::Duration {
+    let phases = config.header_read_timeout.min(config.response_timeout);
+    config.total_timeout.map_or(phases, |t| t.min(phases))
+}
+
 /// A pooled upstream connection, or a new one, dialled within the
 /// request's total deadline when there is one (each connect and handshake
 /// has its own timeout too).
@@ -1299,6 +1325,7 @@ async fn read_response_head(
     up: &mut Upstream,
     ubuf: &mut BytesMut,
     head_request: bool,
+    timer: &mut PhaseTimer,
     deadline: Deadline,
 ) -> Result<ResponseHead, GatewayError> {
     loop {
@@ -1313,7 +1340,7 @@ async fn read_response_head(
             }
         }
         ubuf.reserve(READ_CHUNK);
-        match tokio::time::timeout_at(deadline, up.read_buf(ubuf)).await {
+        match timer.within(deadline, up.read_buf(ubuf)).await {
             Ok(Ok(0)) => {
                 return Err(bad_upstream(
                     "the upstream closed the connection before answering".into(),

@@ -34,6 +34,7 @@ pub mod error;
 mod fast_h1;
 mod forward;
 mod h2_upstream;
+mod phase_timer;
 pub mod proxy;
 pub mod tls;
 pub mod tunnel;
