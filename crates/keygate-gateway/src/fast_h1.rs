@@ -1366,6 +1366,10 @@ fn bad_upstream(detail: String) -> GatewayError {
 }
 
 #[cfg(test)]
+#[path = "fast_h1_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
