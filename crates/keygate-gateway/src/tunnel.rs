@@ -100,12 +100,16 @@ async fn serve_with_hyper<S>(
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
         let dest = dest.clone();
-        async move {
+        // Boxed: hyper moves a request's future several times (into the
+        // stream task it spawns per HTTP/2 request, into the task's cell,
+        // ...), and each move copies the whole state machine, kilobytes
+        // of it; a box is one pointer.
+        Box::pin(async move {
             let log = RequestLog::new(&req, "https", &dest.host, dest.port, Instant::now());
             Ok::<_, Infallible>(
                 forward::forward_https(&shared, &dest, Some(token_hash), req, log).await,
             )
-        }
+        })
     });
     let max_header = shared.config.max_header_bytes.max(8192);
     let io = TokioIo::new(io);
