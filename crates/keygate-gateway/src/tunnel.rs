@@ -136,9 +136,7 @@ async fn serve_with_hyper<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
         // RFC 8441: WebSocket over HTTP/2 (extended CONNECT).
-        .enable_connect_protocol()
-        .keep_alive_interval(Some(shared.config.header_read_timeout))
-        .keep_alive_timeout(shared.config.handshake_timeout);
+        .enable_connect_protocol();
     let conn = builder.serve_connection_with_upgrades(io, service);
     until_done(&shared, conn, |c| c.graceful_shutdown()).await;
 }

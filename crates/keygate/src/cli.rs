@@ -87,7 +87,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYGATE_ADMIN_SECURE_COOKIES")]
     pub admin_secure_cookies: bool,
     /// Seconds an agent may take to send a request head (slow clients are
-    /// dropped).
+    /// dropped); also how long an agent connection may stay silent before
+    /// TCP keepalive probes it (every --tls-handshake-timeout seconds; an
+    /// agent that misses three is dropped).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub header_read_timeout: u64,
     /// Seconds an agent may take for the TLS handshake inside a CONNECT

@@ -560,3 +560,58 @@ async fn disabled_agent_is_refused_until_enabled() {
         "grants survive disable/enable"
     );
 }
+
+/// keygate's side of an agent's connection, as the kernel lists it in
+/// /proc/net/tcp{,6}: (timer kind, seconds until it fires).
+fn server_side_timer(proxy: std::net::SocketAddr, agent_port: u16) -> Option<(u8, f64)> {
+    let table = if proxy.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    std::fs::read_to_string(table)
+        .expect("read the kernel's TCP table")
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if port(f[1])? != proxy.port() || port(f[2])? != agent_port {
+                return None;
+            }
+            // `tr:tm->when`: the timer kind, then jiffies left (USER_HZ).
+            let (tr, when) = f[5].split_once(':')?;
+            let left = u64::from_str_radix(when, 16).ok()? as f64 / 100.0;
+            Some((tr.parse().ok()?, left))
+        })
+}
+
+/// An agent's connection has TCP keepalive: after `--header-read-timeout`
+/// (30 s) of silence the kernel probes the agent, so one whose host or
+/// network went away is found and its connection (an idle HTTP/2 tunnel,
+/// say) closed. The kernel shows keygate's side with its keepalive timer
+/// (kind 2) armed to fire within those 30 s; without keepalive an idle
+/// connection has no timer at all (kind 0).
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_connections_have_tcp_keepalive() {
+    let w = world().await;
+    let agent = tokio::net::TcpStream::connect(w.kg.proxy)
+        .await
+        .expect("connect");
+    let ours = agent.local_addr().expect("local addr").port();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (kind, left) = loop {
+        match server_side_timer(w.kg.proxy, ours) {
+            Some((2, left)) => break (2, left),
+            seen if std::time::Instant::now() > deadline => {
+                panic!("keygate's side of the connection has no keepalive timer: {seen:?}")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(kind, 2);
+    assert!(left > 20.0 && left <= 30.0, "keepalive fires in {left} s");
+    // The agent's own side, for contrast: no keepalive, no timer.
+    let agent_side = server_side_timer(agent.local_addr().unwrap(), w.kg.proxy.port());
+    assert_eq!(agent_side.map(|t| t.0), Some(0), "{agent_side:?}");
+}
