@@ -600,17 +600,19 @@ async fn agent_connections_have_tcp_keepalive() {
         .expect("connect");
     let ours = agent.local_addr().expect("local addr").port();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let (kind, left) = loop {
+    // Polled until keygate has accepted and set the socket up (the kernel
+    // arms the timer at its 2-hour default when keepalive is switched on,
+    // then re-arms it when the idle time is set).
+    let left = loop {
         match server_side_timer(w.kg.proxy, ours) {
-            Some((2, left)) => break (2, left),
+            Some((2, left)) if left <= 30.0 => break left,
             seen if std::time::Instant::now() > deadline => {
-                panic!("keygate's side of the connection has no keepalive timer: {seen:?}")
+                panic!("keygate's side of the connection has no 30 s keepalive timer: {seen:?}")
             }
             _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
         }
     };
-    assert_eq!(kind, 2);
-    assert!(left > 20.0 && left <= 30.0, "keepalive fires in {left} s");
+    assert!(left > 20.0, "keepalive fires in {left} s");
     // The agent's own side, for contrast: no keepalive, no timer.
     let agent_side = server_side_timer(agent.local_addr().unwrap(), w.kg.proxy.port());
     assert_eq!(agent_side.map(|t| t.0), Some(0), "{agent_side:?}");
