@@ -134,21 +134,23 @@ fn named<'a>(fields: &'a [(String, String)], name: &str) -> Vec<&'a str> {
 fn feed_in_pieces(bytes: &[u8], cuts: &[usize]) -> Result<usize, &'static str> {
     let mut c = ChunkedEnd::default();
     let mut at = 0;
-    let mut cuts: Vec<usize> = cuts.iter().map(|i| i % (bytes.len() + 1)).collect();
-    cuts.sort_unstable();
-    cuts.push(bytes.len());
-    for cut in cuts {
+    for end in read_ends(cuts, bytes.len()) {
         if c.done() {
             break;
         }
-        if cut > at {
-            at += c.feed(&bytes[at..cut])?;
-            if !c.done() {
-                at = cut;
-            }
-        }
+        // All of the piece, unless the body ends inside it.
+        at += c.feed(&bytes[at..end])?;
     }
     Ok(at)
+}
+
+/// Where each read ends when `len` bytes arrive in the pieces `cuts`
+/// (any numbers) makes: ascending, the last one `len`.
+fn read_ends(cuts: &[usize], len: usize) -> Vec<usize> {
+    let mut ends: Vec<usize> = cuts.iter().map(|c| c % (len + 1)).collect();
+    ends.sort_unstable();
+    ends.push(len);
+    ends
 }
 
 /// What read_head decides about a head.
@@ -165,11 +167,8 @@ enum Read {
 
 /// read_head's loop, fed `raw` in the pieces `cuts` makes.
 fn read_in_pieces(raw: &[u8], cuts: &[usize]) -> Read {
-    let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (raw.len() + 1)).collect();
-    cuts.sort_unstable();
-    cuts.push(raw.len());
     let (mut scanned, mut checked) = (0, 0);
-    for cut in cuts {
+    for cut in read_ends(cuts, raw.len()) {
         let buf = &raw[..cut];
         match parse_request(buf, scanned) {
             Ok(h) => return Read::Served(h.framed.len, h.framed.body_len),

@@ -755,15 +755,9 @@ async fn an_idle_upstream_connection_closed_by_the_upstream_is_not_reused() {
 /// CLOSE_WAIT: the peer closed, and the owner has not closed its end.
 #[cfg(target_os = "linux")]
 fn close_wait_to(port: u16) -> usize {
-    let suffix = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+    test_support::tcp_sockets()
         .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[2].ends_with(&suffix) && cols[3] == "08"
-        })
+        .filter(|s| s.remote_port == port && s.state == 0x08)
         .count()
 }
 

@@ -561,29 +561,13 @@ async fn disabled_agent_is_refused_until_enabled() {
     );
 }
 
-/// keygate's side of an agent's connection, as the kernel lists it in
-/// /proc/net/tcp{,6}: (timer kind, seconds until it fires).
+/// keygate's side of an agent's connection, as the kernel lists it:
+/// (timer kind, seconds until it fires).
 fn server_side_timer(proxy: std::net::SocketAddr, agent_port: u16) -> Option<(u8, f64)> {
-    let table = if proxy.is_ipv4() {
-        "/proc/net/tcp"
-    } else {
-        "/proc/net/tcp6"
-    };
-    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
-    std::fs::read_to_string(table)
-        .expect("read the kernel's TCP table")
-        .lines()
-        .skip(1)
-        .find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if port(f[1])? != proxy.port() || port(f[2])? != agent_port {
-                return None;
-            }
-            // `tr:tm->when`: the timer kind, then jiffies left (USER_HZ).
-            let (tr, when) = f[5].split_once(':')?;
-            let left = u64::from_str_radix(when, 16).ok()? as f64 / 100.0;
-            Some((tr.parse().ok()?, left))
-        })
+    test_support::tcp_sockets()
+        .into_iter()
+        .find(|s| s.local_port == proxy.port() && s.remote_port == agent_port)
+        .map(|s| (s.timer, s.timer_left_s))
 }
 
 /// An agent's connection has TCP keepalive: after `--header-read-timeout`
