@@ -13,7 +13,7 @@ mod serve;
 use clap::Parser;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: keygate_alloc::KeygateAlloc = keygate_alloc::KeygateAlloc;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
