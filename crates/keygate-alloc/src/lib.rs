@@ -18,17 +18,19 @@
 //! mimalloc's blocks are multiples of 16 bytes from 16 bytes up (8-byte
 //! blocks exist for the smallest requests), and a page's first block is
 //! 16-aligned, so every block of at least 16 bytes is 16-aligned and every
-//! block is 8-aligned (mimalloc asserts the first in `alloc.c`). A layout
-//! whose alignment is at most 16 and at most its size is therefore served
-//! by the plain entry points; the same rule the standard library's
-//! `System` allocator uses with `malloc`.
+//! block is 8-aligned (mimalloc asserts the first in `alloc.c`; the size
+//! classes are `mi_bin` in `page-queue.c`). A layout whose alignment is at
+//! most 16 and at most its size is therefore served by the plain entry
+//! points; the same rule the standard library's `System` allocator uses
+//! with `malloc`.
 //!
 //! # Safety
 //!
-//! This crate exists to hold the one `unsafe` block a global allocator
-//! needs: `GlobalAlloc` is an unsafe trait, and the mimalloc functions are
-//! foreign. Each call passes mimalloc exactly what the caller's layout
-//! says, and `mi_free` takes blocks from either family of entry points.
+//! This crate exists to hold the `unsafe` a global allocator needs (the
+//! rest of the workspace forbids it): `GlobalAlloc` is an unsafe trait, and
+//! the mimalloc functions are foreign. Each call passes mimalloc exactly
+//! what the caller's layout says, and `mi_free` takes blocks from either
+//! family of entry points.
 #![deny(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout};
