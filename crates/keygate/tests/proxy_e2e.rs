@@ -561,12 +561,13 @@ async fn disabled_agent_is_refused_until_enabled() {
     );
 }
 
-/// keygate's side of an agent's connection, as the kernel lists it:
-/// (timer kind, seconds until it fires).
-fn server_side_timer(proxy: std::net::SocketAddr, agent_port: u16) -> Option<(u8, f64)> {
+/// The timer of the local TCP socket at `local` connected to
+/// `remote_port`, as the kernel lists it: (timer kind, seconds until it
+/// fires).
+fn socket_timer(local: std::net::SocketAddr, remote_port: u16) -> Option<(u8, f64)> {
     test_support::tcp_sockets()
         .into_iter()
-        .find(|s| s.local_port == proxy.port() && s.remote_port == agent_port)
+        .find(|s| s.local_port == local.port() && s.remote_port == remote_port)
         .map(|s| (s.timer, s.timer_left_s))
 }
 
@@ -588,7 +589,7 @@ async fn agent_connections_have_tcp_keepalive() {
     // arms the timer at its 2-hour default when keepalive is switched on,
     // then re-arms it when the idle time is set).
     let left = loop {
-        match server_side_timer(w.kg.proxy, ours) {
+        match socket_timer(w.kg.proxy, ours) {
             Some((2, left)) if left <= 30.0 => break left,
             seen if std::time::Instant::now() > deadline => {
                 panic!("keygate's side of the connection has no 30 s keepalive timer: {seen:?}")
@@ -598,6 +599,6 @@ async fn agent_connections_have_tcp_keepalive() {
     };
     assert!(left > 20.0, "keepalive fires in {left} s");
     // The agent's own side, for contrast: no keepalive, no timer.
-    let agent_side = server_side_timer(agent.local_addr().unwrap(), w.kg.proxy.port());
+    let agent_side = socket_timer(agent.local_addr().unwrap(), w.kg.proxy.port());
     assert_eq!(agent_side.map(|t| t.0), Some(0), "{agent_side:?}");
 }
