@@ -418,9 +418,11 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
     perf = None
     strace = None
     tag = f"c{conc}{'-h2' if http2 else ''}{'' if keepalive else '-cold'}{f'-q{rate}' if rate else ''}"
-    if via == "keygate" and getattr(world, "strace_dir", None):
+    if via and getattr(world, "strace_dir", None):
         world.strace_dir.mkdir(parents=True, exist_ok=True)
-        strace_out = world.strace_dir / f"strace-{tag}.txt"
+        # keygate's file keeps its old name; a peer's is named after it.
+        name = f"strace-{tag}.txt" if via == "keygate" else f"strace-{via}-{tag}.txt"
+        strace_out = world.strace_dir / name
         strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(strace_out)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # attached to every thread before the load starts
@@ -488,9 +490,9 @@ def oha(world, via, conc, seconds, http2=False, keepalive=True, rate=None,
             res[f"{px.key}_kernel_share"] = (sys1 - sys0) / (cpu1 - cpu0)
     if strace and total:
         calls = strace_calls(strace_out)
-        res["kg_syscalls_per_req"] = {k: v / total for k, v in calls.items()}
+        res[f"{px.key}_syscalls_per_req"] = {k: v / total for k, v in calls.items()}
         top = sorted(calls.items(), key=lambda kv: -kv[1])[:8]
-        print(f"bench: strace {tag}: syscalls per request: "
+        print(f"bench: strace {via} {tag}: syscalls per request: "
               + ", ".join(f"{k} {v / total:.2f}" for k, v in top), file=sys.stderr)
     if via == "keygate" and total:
         # The audit writer (SQLite, its own thread) apart from the proxy.
@@ -1062,10 +1064,10 @@ def main():
                          "through-keygate run (perf-<scenario>.data), and of each peer "
                          "during its runs (perf-<peer>-<scenario>.data)")
     ap.add_argument("--strace", default="", metavar="DIR",
-                    help="directory: count keygate's system calls (strace -c -f) during each "
-                         "through-keygate run and report them per request (strace-<scenario>.txt); "
-                         "strace slows keygate several-fold, so that run's timings are not "
-                         "keygate's")
+                    help="directory: count the system calls (strace -c -f) of keygate and of each "
+                         "peer during its runs and report them per request (strace-<scenario>.txt, "
+                         "strace-<peer>-<scenario>.txt); strace slows a process several-fold, so "
+                         "that run's timings are not its own")
     ap.add_argument("--tunnels", type=int, default=2000,
                     help="idle tunnels to open and hold at the end (0: skip)")
     ap.add_argument("--callgrind", type=int, default=0, metavar="N",

@@ -73,9 +73,24 @@ pub(crate) struct Pool {
 
 #[derive(Default)]
 struct PoolInner {
-    idle: DestMap<Vec<(Instant, Upstream)>>,
+    idle: DestMap<Vec<Idle>>,
     http2_only: std::collections::HashSet<Destination, foldhash::fast::RandomState>,
 }
+
+/// An idle connection in the pool.
+struct Idle {
+    /// When it was put back.
+    since: Instant,
+    up: Upstream,
+    /// Its (empty) read buffer, kept with it: allocating 16 KiB per
+    /// exchange is the dearest allocation of an HTTP/1.1 request, and the
+    /// pool holds a bounded number of connections (unlike idle tunnels).
+    buf: BytesMut,
+}
+
+/// Largest read buffer kept with a pooled connection (one a large
+/// response grew is dropped).
+const POOLED_BUF_MAX: usize = 2 * READ_CHUNK;
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
@@ -93,36 +108,54 @@ impl Pool {
         self.lock().http2_only.insert(dest.clone());
     }
 
-    /// The most recently used idle connection that is still open.
-    fn take(&self, dest: &Destination, max_idle: std::time::Duration) -> Option<Upstream> {
+    /// The most recently used idle connection that is still open; `now`:
+    /// the current time, read by the caller.
+    fn take(
+        &self,
+        dest: &Destination,
+        max_idle: std::time::Duration,
+        now: Instant,
+    ) -> Option<(Upstream, BytesMut)> {
         loop {
-            let (since, mut up) = {
+            let mut idle = {
                 let mut inner = self.lock();
                 inner.idle.get_mut(dest)?.pop()?
             };
-            if since.elapsed() < max_idle && still_open(&mut up) {
-                return Some(up);
+            // Put back after `now` (by another tunnel): idle for zero.
+            if now.saturating_duration_since(idle.since) < max_idle && still_open(&mut idle.up) {
+                return Some((idle.up, idle.buf));
             }
         }
     }
 
-    fn put(&self, dest: &Destination, up: Upstream, max_idle: std::time::Duration) {
-        let now = Instant::now();
+    /// Returns a connection, with its read buffer (empty), to the pool.
+    fn put(&self, dest: &Destination, up: Upstream, buf: BytesMut, max_idle: std::time::Duration) {
+        debug_assert!(buf.is_empty());
+        let idle = Idle {
+            since: Instant::now(),
+            up,
+            buf: if buf.capacity() <= POOLED_BUF_MAX {
+                buf
+            } else {
+                BytesMut::new()
+            },
+        };
+        let now = idle.since;
         let mut inner = self.lock();
         let Some(list) = inner.idle.get_mut(dest) else {
             // The key is copied only for a destination's first connection.
-            inner.idle.insert(dest.clone(), vec![(now, up)]);
+            inner.idle.insert(dest.clone(), vec![idle]);
             return;
         };
         // The oldest is first: expired ones go only when there are some.
         if list
             .first()
-            .is_some_and(|(since, _)| now.duration_since(*since) >= max_idle)
+            .is_some_and(|i| now.duration_since(i.since) >= max_idle)
         {
-            list.retain(|(since, _)| now.duration_since(*since) < max_idle);
+            list.retain(|i| now.duration_since(i.since) < max_idle);
         }
         if list.len() < POOL_PER_DESTINATION {
-            list.push((now, up));
+            list.push(idle);
         }
     }
 }
@@ -139,11 +172,11 @@ impl Pool {
             inner.idle.retain(|_, list| {
                 let mut i = 0;
                 while i < list.len() {
-                    let (since, up) = &mut list[i];
-                    if now.duration_since(*since) < max_idle && still_open(up) {
+                    let idle = &mut list[i];
+                    if now.duration_since(idle.since) < max_idle && still_open(&mut idle.up) {
                         i += 1;
                     } else {
-                        gone.push(list.remove(i).1);
+                        gone.push(list.remove(i));
                     }
                 }
                 !list.is_empty()
@@ -562,6 +595,8 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     let mut transfer_encoding = false;
     let mut te_repeated = false;
     let mut upstream_closes = parsed.version == Some(0);
+    // Header names `Connection` lists, besides the hop-by-hop ones always
+    // dropped (`keep-alive`, the usual one, allocates nothing).
     let mut named: Vec<&str> = Vec::new();
     for h in parsed.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -584,7 +619,12 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
                 } else if token.eq_ignore_ascii_case("keep-alive") && parsed.version == Some(0) {
                     upstream_closes = false;
                 }
-                named.push(token);
+                if !forward::HOP_BY_HOP
+                    .iter()
+                    .any(|n| token.eq_ignore_ascii_case(n))
+                {
+                    named.push(token);
+                }
             }
         }
     }
@@ -610,7 +650,9 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
             Ok(None) => Framing::Close,
         }
     };
-    let mut out = Vec::with_capacity(len + 32);
+    // Room for the framing headers written below, and for the body bytes
+    // already read, which go out with the head (no reallocation then).
+    let mut out = Vec::with_capacity(buf.len() + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(code.as_str().as_bytes());
     out.push(b' ');
@@ -912,7 +954,8 @@ where
         closing: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<Option<Head>, NotRead> {
         let max = self.shared.config.max_header_bytes.max(8192);
-        let deadline = Deadline::now() + self.shared.config.header_read_timeout;
+        let now = Deadline::now();
+        let deadline = now + self.shared.config.header_read_timeout;
         // Bytes already looked at for the end of the head: a head that
         // arrives a byte at a time is parsed once it can be complete, not
         // once per byte (quadratic work for a slow client).
@@ -945,7 +988,7 @@ where
                 .reserve(if idle { IDLE_READ } else { READ_CHUNK.min(max) });
             let read = self
                 .timer
-                .within(deadline, self.agent.read_buf(&mut self.buf));
+                .within_from(now, deadline, self.agent.read_buf(&mut self.buf));
             let n = tokio::select! {
                 r = read => match r {
                     Ok(Ok(n)) => n,
@@ -963,11 +1006,12 @@ where
 
     /// Reads until the request's whole body is in the buffer (at most
     /// [`MAX_BODY`]), waiting as long as hyper's path would wait for the
-    /// upstream's answer. `false`: it did not arrive.
-    async fn read_body(&mut self, framed: Framed) -> bool {
+    /// upstream's answer. `None`: it did not arrive; `Some(waited)`: it is
+    /// here, and whether reading it waited.
+    async fn read_body(&mut self, framed: Framed) -> Option<bool> {
         let need = framed.len + usize::try_from(framed.body_len).unwrap_or(usize::MAX);
         if self.buf.len() >= need {
-            return true;
+            return Some(false);
         }
         let deadline = Deadline::now() + self.shared.config.response_timeout;
         self.buf.reserve(need - self.buf.len());
@@ -978,10 +1022,10 @@ where
                 .await
             {
                 Ok(Ok(n)) if n > 0 => {}
-                _ => return false,
+                _ => return None,
             }
         }
-        true
+        Some(true)
     }
 
     /// One request and its response.
@@ -1005,7 +1049,7 @@ where
             Ok(n) => n,
             Err(err) => return self.refuse(log, name, &err, framed).await,
         };
-        if !self.read_body(framed).await {
+        let Some(waited) = self.read_body(framed).await else {
             let err = GatewayError::new(
                 ErrorCode::BadRequest,
                 format!(
@@ -1018,12 +1062,12 @@ where
                 ..framed
             };
             return self.refuse(log, name, &err, close).await;
-        }
+        };
         let total = shared
             .config
             .total_timeout
             .map(|t| Deadline::from_std(started) + t);
-        let mut up = match upstream(shared, dest, total).await {
+        let up = match upstream(shared, dest, total, started).await {
             Ok(up) => up,
             Err(DialError::NoHttp1) => {
                 // Nothing was consumed: hyper serves this request again
@@ -1033,8 +1077,16 @@ where
             }
             Err(DialError::Failed(err)) => return self.refuse(log, name, &err, framed).await,
         };
+        // The clock is read again only when the exchange may have waited
+        // since it started (for the body, or for a new connection).
+        let now = if waited || up.dialed {
+            Deadline::now()
+        } else {
+            Deadline::from_std(started)
+        };
+        let (mut up, mut ubuf) = (up.conn, up.buf);
         let head_deadline = {
-            let h = Deadline::now() + shared.config.response_timeout;
+            let h = now + shared.config.response_timeout;
             total.map_or(h, |t| t.min(h))
         };
 
@@ -1053,7 +1105,7 @@ where
             up.write_all(&out).await?;
             up.flush().await
         };
-        let sent = match self.timer.within(head_deadline, sent).await {
+        let sent = match self.timer.within_from(now, head_deadline, sent).await {
             Ok(r) => r,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         };
@@ -1075,7 +1127,6 @@ where
 
         // Response heads (1xx interim heads are read and dropped).
         let head_request = parts.method == Method::HEAD;
-        let mut ubuf = BytesMut::new();
         let resp = loop {
             let resp = match read_response_head(
                 &mut up,
@@ -1134,7 +1185,7 @@ where
                 if reusable {
                     shared
                         .fast_h1
-                        .put(dest, up, shared.config.pool_idle_timeout);
+                        .put(dest, up, ubuf, shared.config.pool_idle_timeout);
                 }
                 if framed.close || resp.framing == Framing::Close {
                     Step::Close
@@ -1300,9 +1351,17 @@ async fn upstream(
     shared: &Shared,
     dest: &Destination,
     total: Option<Deadline>,
-) -> Result<Upstream, DialError> {
-    if let Some(up) = shared.fast_h1.take(dest, shared.config.pool_idle_timeout) {
-        return Ok(up);
+    now: Instant,
+) -> Result<Taken, DialError> {
+    if let Some((conn, buf)) = shared
+        .fast_h1
+        .take(dest, shared.config.pool_idle_timeout, now)
+    {
+        return Ok(Taken {
+            conn,
+            buf,
+            dialed: false,
+        });
     }
     let dial = shared.connector.connect_http1_only(dest);
     let up = match total {
@@ -1317,7 +1376,20 @@ async fn upstream(
         })??,
         None => dial.await?,
     };
-    Ok(Box::new(up))
+    Ok(Taken {
+        conn: Box::new(up),
+        buf: BytesMut::new(),
+        dialed: true,
+    })
+}
+
+/// An upstream connection for an exchange.
+struct Taken {
+    conn: Upstream,
+    /// Its read buffer (empty).
+    buf: BytesMut,
+    /// New, not from the pool (the dial took time).
+    dialed: bool,
 }
 
 /// Reads one response head from the upstream.

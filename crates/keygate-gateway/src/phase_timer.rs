@@ -48,8 +48,20 @@ impl PhaseTimer {
         deadline: Instant,
         fut: F,
     ) -> Result<F::Output, Elapsed> {
-        let arm = deadline.min(far_from(Instant::now(), self.lead));
-        self.sleep.as_mut().reset(arm);
+        self.within_from(Instant::now(), deadline, fut).await
+    }
+
+    /// [`PhaseTimer::within`] with the current time read by the caller,
+    /// for a caller that has just read it. An earlier `now` is never
+    /// wrong: the phase still ends exactly at `deadline`, the timer may
+    /// only go off once more on the way.
+    pub async fn within_from<F: Future>(
+        &mut self,
+        now: Instant,
+        deadline: Instant,
+        fut: F,
+    ) -> Result<F::Output, Elapsed> {
+        self.arm(now, deadline);
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(|cx| {
             // What is ready is taken first, as `timeout_at` does.
@@ -66,6 +78,23 @@ impl PhaseTimer {
             Poll::Pending
         })
         .await
+    }
+
+    /// Arms the timer for a phase ending at `deadline`. A timer already
+    /// armed no later than the deadline and at least half a lead from now
+    /// is left as it is: it cannot let the phase overrun (when it goes off
+    /// before the deadline it is re-armed there), and it goes off at most
+    /// once per half lead of waiting. Most phases then reset nothing; a
+    /// reset costs a conversion of the instant to the driver's ticks and an
+    /// atomic store, for each phase of every request.
+    fn arm(&mut self, now: Instant, deadline: Instant) {
+        let armed = self.sleep.deadline();
+        if armed <= deadline && armed >= far_from(now, self.lead / 2) {
+            return;
+        }
+        self.sleep
+            .as_mut()
+            .reset(deadline.min(far_from(now, self.lead)));
     }
 }
 
@@ -161,6 +190,50 @@ mod tests {
             never_ends(&mut timer, Instant::now() - ms(5)).await,
             Err(Elapsed)
         );
+    }
+
+    #[tokio::test]
+    async fn quick_phases_leave_the_timer_armed_and_a_sooner_deadline_still_holds() {
+        let mut timer = PhaseTimer::new(Duration::from_secs(30));
+        let far = || Instant::now() + Duration::from_secs(60);
+        assert_eq!(timer.within(far(), async {}).await, Ok(()));
+        let armed = timer.sleep.deadline();
+        for _ in 0..3 {
+            assert_eq!(timer.within(far(), async {}).await, Ok(()));
+        }
+        assert_eq!(timer.sleep.deadline(), armed, "re-armed within half a lead");
+        // A deadline before the armed moment re-arms the timer.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            never_ends(&mut timer, Instant::now() + ms(50)).await,
+            Err(Elapsed)
+        );
+        assert!(started.elapsed() < ms(2000), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_now_never_ends_a_phase_early() {
+        let mut timer = PhaseTimer::new(ms(20));
+        // The timer went off at this phase's deadline and stays elapsed.
+        assert_eq!(
+            never_ends(&mut timer, Instant::now() + ms(30)).await,
+            Err(Elapsed)
+        );
+        let stale = Instant::now() - Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            timer.within_from(
+                stale,
+                Instant::now() + ms(100),
+                std::future::pending::<()>(),
+            ),
+        )
+        .await
+        .expect("the phase's deadline was not kept");
+        assert_eq!(out, Err(Elapsed));
+        let took = started.elapsed();
+        assert!(took >= ms(100), "ended after {took:?}, before its deadline");
     }
 
     #[tokio::test]

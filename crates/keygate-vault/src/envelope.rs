@@ -64,6 +64,38 @@ impl KeyEntry {
             None => aead_open(&self.key.bytes()[..], aad, sealed),
         }
     }
+
+    /// Opens a wrapped data key (nonce ‖ key ‖ tag) in a zeroized buffer
+    /// on the stack: no heap copy of the key, on every injection.
+    fn open_data_key(
+        &self,
+        aad: &[u8],
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, VaultError> {
+        if wrapped.len() != WRAPPED_KEY_LEN {
+            return Err(VaultError::Decrypt);
+        }
+        let (nonce, body) = wrapped.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
+        let mut buf = Zeroizing::new([0u8; DATA_KEY_LEN + TAG_LEN]);
+        buf.copy_from_slice(body);
+        let expanded;
+        let opener = match &self.opener {
+            Some(key) => key.as_ref(),
+            None => {
+                let key = UnboundKey::new(&AES_256_GCM, &self.key.bytes()[..])
+                    .map_err(|_| VaultError::Decrypt)?;
+                expanded = LessSafeKey::new(key);
+                &expanded
+            }
+        };
+        let opened = opener
+            .open_in_place(nonce, Aad::from(aad), &mut buf[..])
+            .map_err(|_| VaultError::Decrypt)?;
+        let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+        key.copy_from_slice(opened);
+        Ok(key)
+    }
 }
 
 /// The keys a vault knows: the current one, which seals, and older (or
@@ -328,24 +360,15 @@ impl Vault {
         version: i64,
         sealed: &SealedSecret,
     ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, VaultError> {
-        if sealed.wrapped_key.len() != WRAPPED_KEY_LEN {
-            return Err(VaultError::Decrypt);
-        }
         let ring = self.keys.load();
         let master = ring.find(&sealed.key_id).ok_or(VaultError::Decrypt)?;
-        let opened = master.open(
+        master.open_data_key(
             &aad(
                 PURPOSE_DATA_KEY,
                 &[secret_id.as_bytes(), &version.to_be_bytes()],
             ),
             &sealed.wrapped_key,
-        )?;
-        let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-        if opened.len() != DATA_KEY_LEN {
-            return Err(VaultError::Decrypt);
-        }
-        key.copy_from_slice(&opened);
-        Ok(key)
+        )
     }
 }
 
@@ -379,23 +402,71 @@ fn wrap_blob_with(
 
 /// AAD = "keygate/v1" ‖ purpose ‖ fields, each as u32-BE length ‖ bytes.
 /// Length prefixes make the encoding injective.
-fn aad(purpose: &[u8], fields: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        4 * (2 + fields.len())
-            + AAD_DOMAIN.len()
-            + purpose.len()
-            + fields.iter().map(|f| f.len()).sum::<usize>(),
-    );
-    for part in [AAD_DOMAIN, purpose]
-        .into_iter()
-        .chain(fields.iter().copied())
-    {
+fn aad(purpose: &[u8], fields: &[&[u8]]) -> AadBytes {
+    let parts = || {
+        [AAD_DOMAIN, purpose]
+            .into_iter()
+            .chain(fields.iter().copied())
+    };
+    let len: usize = parts().map(|p| 4 + p.len()).sum();
+    let mut out = if len <= AAD_INLINE {
+        AadBytes::Inline([0; AAD_INLINE], 0)
+    } else {
+        AadBytes::Heap(Vec::with_capacity(len))
+    };
+    for part in parts() {
         // Ids and labels are far below 4 GiB; saturate rather than panic.
-        let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(part);
+        let n = u32::try_from(part.len()).unwrap_or(u32::MAX);
+        out.push(&n.to_be_bytes());
+        out.push(part);
     }
     out
+}
+
+/// An AAD of up to this many bytes is built on the stack (ids are short:
+/// a value's AAD is 39 bytes and its id).
+const AAD_INLINE: usize = 128;
+
+/// The bytes of an AAD: inline (the bytes and how many are used) or, for a
+/// long id or label, on the heap.
+enum AadBytes {
+    Inline([u8; AAD_INLINE], usize),
+    Heap(Vec<u8>),
+}
+
+impl AadBytes {
+    /// Appends `bytes`; an inline AAD was sized to hold every part.
+    fn push(&mut self, bytes: &[u8]) {
+        match self {
+            AadBytes::Inline(buf, used) => {
+                buf[*used..*used + bytes.len()].copy_from_slice(bytes);
+                *used += bytes.len();
+            }
+            AadBytes::Heap(v) => v.extend_from_slice(bytes),
+        }
+    }
+}
+
+impl std::ops::Deref for AadBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            AadBytes::Inline(buf, used) => &buf[..*used],
+            AadBytes::Heap(v) => v,
+        }
+    }
+}
+
+impl PartialEq for AadBytes {
+    fn eq(&self, other: &AadBytes) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for AadBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// nonce ‖ AES-256-GCM(key, plaintext, aad) ‖ tag, with a random nonce.
@@ -605,6 +676,52 @@ mod tests {
         assert_decrypt_err(v.open("a", 1, &s), "ab vs a");
         let s = v.seal("a:1", 2, b"v").unwrap();
         assert_decrypt_err(v.open("a", 12, &s), "a:1/2 vs a/12");
+    }
+
+    #[test]
+    fn aad_bytes_are_the_same_on_the_stack_and_on_the_heap() {
+        // The documented encoding, written out independently.
+        fn reference(purpose: &[u8], fields: &[&[u8]]) -> Vec<u8> {
+            let mut out = Vec::new();
+            for part in [AAD_DOMAIN, purpose].iter().chain(fields) {
+                out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                out.extend_from_slice(part);
+            }
+            out
+        }
+        assert_eq!(
+            &aad(PURPOSE_VALUE, &[b"x", &1i64.to_be_bytes()])[..],
+            b"\0\0\0\x0akeygate/v1\0\0\0\x05value\0\0\0\x01x\0\0\0\x08\0\0\0\0\0\0\0\x01"
+        );
+        // Ids around the inline size, and far beyond it.
+        let fixed = 4 + AAD_DOMAIN.len() + 4 + PURPOSE_VALUE.len() + 4 + 4 + 8;
+        for id_len in [
+            0,
+            1,
+            AAD_INLINE - fixed - 1,
+            AAD_INLINE - fixed,
+            AAD_INLINE - fixed + 1,
+            1000,
+        ] {
+            let id = "i".repeat(id_len);
+            let fields: [&[u8]; 2] = [id.as_bytes(), &7i64.to_be_bytes()];
+            let got = aad(PURPOSE_VALUE, &fields);
+            assert_eq!(
+                &got[..],
+                &reference(PURPOSE_VALUE, &fields)[..],
+                "id of {id_len} bytes"
+            );
+            assert_eq!(
+                matches!(got, AadBytes::Inline(..)),
+                fixed + id_len <= AAD_INLINE,
+                "id of {id_len} bytes"
+            );
+            // A long id seals and opens as a short one does.
+            let v = vault();
+            let sealed = v.seal(&id, 7, b"value").unwrap();
+            assert_eq!(&v.open(&id, 7, &sealed).unwrap()[..], b"value");
+            assert_decrypt_err(v.open(&format!("{id}j"), 7, &sealed), "another id");
+        }
     }
 
     #[test]
