@@ -23,6 +23,7 @@
 //! malformed or ambiguous response head is a 502 and the upstream
 //! connection is dropped. A request is never sent twice.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -31,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use keygate_core::{Decision, ErrorCode, TokenHash};
@@ -870,10 +872,15 @@ where
         buf: BytesMut::new(),
         timer: PhaseTimer::new(shortest_timeout(&shared.config)),
     };
+    // One wait for shutdown per tunnel, registered once, rather than one
+    // registered and dropped again for every head read. It ends when the
+    // gateway starts shutting down (or is gone) and is never polled again
+    // after that: each place that sees it end returns.
     let mut closing = shared.closing.subscribe();
+    let mut closed = std::pin::pin!(closing.wait_for(|c| *c));
     let mut served = false;
     loop {
-        let head = match conn.read_head(&mut closing).await {
+        let head = match conn.read_head(closed.as_mut()).await {
             Ok(Some(head)) => head,
             Ok(None) => return End::Closed,
             Err(NotRead::HandOff) => return conn.hand_off(served),
@@ -902,7 +909,7 @@ where
             Step::HandOff => return conn.hand_off(served),
         }
         served = true;
-        if *closing.borrow() {
+        if closed.as_mut().now_or_never().is_some() {
             let _ = conn.agent.shutdown().await;
             return End::Closed;
         }
@@ -951,7 +958,7 @@ where
     /// connection closed, timed out or the gateway is shutting down.
     async fn read_head(
         &mut self,
-        closing: &mut tokio::sync::watch::Receiver<bool>,
+        mut closed: Pin<&mut impl Future>,
     ) -> Result<Option<Head>, NotRead> {
         let max = self.shared.config.max_header_bytes.max(8192);
         let now = Deadline::now();
@@ -990,13 +997,14 @@ where
                 .timer
                 .within_from(now, deadline, self.agent.read_buf(&mut self.buf));
             let n = tokio::select! {
+                biased;
                 r = read => match r {
                     Ok(Ok(n)) => n,
                     Ok(Err(_)) | Err(_) => return Ok(None),
                 },
                 // Shutdown closes idle connections at once; a head under
                 // way is still read and answered.
-                _ = closing.wait_for(|c| *c), if idle => return Ok(None),
+                _ = closed.as_mut(), if idle => return Ok(None),
             };
             if n == 0 {
                 return Ok(None);

@@ -656,6 +656,59 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_an_idle_keep_alive_tunnel_at_once() {
+    let w = world_with(&["--shutdown-grace", "30"], None).await;
+    let mut tls = agent_tls(
+        w.kg.proxy,
+        "stream.test:443",
+        &w.token,
+        "stream.test",
+        &w.ca,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("tunnel");
+    // One exchange on the HTTP/1.1 fast path; the tunnel then waits for
+    // the next head.
+    tls.write_all(b"GET /bytes?n=5 HTTP/1.1\r\nHost: stream.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nxxxxx") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let World { kg, .. } = w;
+    let started = std::time::Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || kg.stop());
+    // Closed at once, not after the 30 s grace.
+    closed_within(
+        &mut tls,
+        Duration::from_secs(5),
+        "an idle tunnel at shutdown",
+    )
+    .await;
+    let status = stopping.await.expect("join");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown waited {:?} for an idle tunnel",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn slow_and_oversized_request_heads_are_dropped() {
     let w = world_with(&["--header-read-timeout", "1"], None).await;
     // Slowloris on the proxy listener: a CONNECT head that never ends.
