@@ -81,6 +81,21 @@ impl World {
         .await
         .expect("tunnel")
     }
+
+    /// A raw TLS tunnel to stream.test offering only HTTP/1.1 (the
+    /// fast path's kind of connection), for writing heads by hand.
+    async fn h1_tunnel(&self) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+        agent_tls(
+            self.kg.proxy,
+            "stream.test:443",
+            &self.token,
+            "stream.test",
+            &self.ca,
+            &[b"http/1.1"],
+        )
+        .await
+        .expect("tunnel")
+    }
 }
 
 /// A request with the placeholder credential, in the form `proto` needs.
@@ -415,16 +430,7 @@ async fn websocket_upgrade_gets_the_credential_and_pipes_bytes_both_ways() {
 
 async fn websocket_upgrade(get_first: bool) {
     let w = world_with(&["--upgrade-idle-timeout", "2"], None).await;
-    let mut tls = agent_tls(
-        w.kg.proxy,
-        "stream.test:443",
-        &w.token,
-        "stream.test",
-        &w.ca,
-        &[b"http/1.1"],
-    )
-    .await
-    .expect("tunnel");
+    let mut tls = w.h1_tunnel().await;
     if get_first {
         tls.write_all(
             b"GET /json HTTP/1.1\r\nHost: stream.test\r\nAuthorization: Bearer placeholder\r\n\r\n",
@@ -658,16 +664,7 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_an_idle_keep_alive_tunnel_at_once() {
     let w = world_with(&["--shutdown-grace", "30"], None).await;
-    let mut tls = agent_tls(
-        w.kg.proxy,
-        "stream.test:443",
-        &w.token,
-        "stream.test",
-        &w.ca,
-        &[b"http/1.1"],
-    )
-    .await
-    .expect("tunnel");
+    let mut tls = w.h1_tunnel().await;
     // One exchange on the HTTP/1.1 fast path; the tunnel then waits for
     // the next head.
     tls.write_all(b"GET /bytes?n=5 HTTP/1.1\r\nHost: stream.test\r\n\r\n")
@@ -721,16 +718,7 @@ async fn slow_and_oversized_request_heads_are_dropped() {
     closed_within(&mut slow, Duration::from_secs(5), "a slow request head").await;
 
     // The same inside a tunnel.
-    let mut tls = agent_tls(
-        w.kg.proxy,
-        "stream.test:443",
-        &w.token,
-        "stream.test",
-        &w.ca,
-        &[b"http/1.1"],
-    )
-    .await
-    .expect("tunnel");
+    let mut tls = w.h1_tunnel().await;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: stream.test\r\n")
         .await
         .expect("write");
@@ -742,16 +730,7 @@ async fn slow_and_oversized_request_heads_are_dropped() {
     .await;
 
     // A request head larger than the limit is refused, not buffered.
-    let mut tls = agent_tls(
-        w.kg.proxy,
-        "stream.test:443",
-        &w.token,
-        "stream.test",
-        &w.ca,
-        &[b"http/1.1"],
-    )
-    .await
-    .expect("tunnel");
+    let mut tls = w.h1_tunnel().await;
     let big = "a".repeat(200 * 1024);
     let head = format!("GET / HTTP/1.1\r\nHost: stream.test\r\nx-big: {big}\r\n\r\n");
     let _ = tls.write_all(head.as_bytes()).await;
