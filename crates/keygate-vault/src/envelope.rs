@@ -57,12 +57,24 @@ impl KeyEntry {
         }
     }
 
+    /// Runs `open` with this key's expanded schedule (expanded now if
+    /// aws-lc refused it when the entry was made).
+    fn with_opener<T>(
+        &self,
+        open: impl FnOnce(&LessSafeKey) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        match &self.opener {
+            Some(key) => open(key),
+            None => open(&LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &self.key.bytes()[..])
+                    .map_err(|_| VaultError::Decrypt)?,
+            )),
+        }
+    }
+
     /// [`aead_open`] under this master key.
     fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        match &self.opener {
-            Some(key) => aead_open_with(key, aad, sealed),
-            None => aead_open(&self.key.bytes()[..], aad, sealed),
-        }
+        self.with_opener(|key| aead_open_with(key, aad, sealed))
     }
 
     /// Opens a wrapped data key (nonce ‖ key ‖ tag) in a zeroized buffer
@@ -75,25 +87,10 @@ impl KeyEntry {
         if wrapped.len() != WRAPPED_KEY_LEN {
             return Err(VaultError::Decrypt);
         }
-        let (nonce, body) = wrapped.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
         let mut buf = Zeroizing::new([0u8; DATA_KEY_LEN + TAG_LEN]);
-        buf.copy_from_slice(body);
-        let expanded;
-        let opener = match &self.opener {
-            Some(key) => key.as_ref(),
-            None => {
-                let key = UnboundKey::new(&AES_256_GCM, &self.key.bytes()[..])
-                    .map_err(|_| VaultError::Decrypt)?;
-                expanded = LessSafeKey::new(key);
-                &expanded
-            }
-        };
-        let opened = opener
-            .open_in_place(nonce, Aad::from(aad), &mut buf[..])
-            .map_err(|_| VaultError::Decrypt)?;
+        self.with_opener(|key| aead_open_into(key, aad, wrapped, &mut buf[..]))?;
         let mut key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-        key.copy_from_slice(opened);
+        key.copy_from_slice(&buf[..DATA_KEY_LEN]);
         Ok(key)
     }
 }
@@ -457,12 +454,14 @@ impl std::ops::Deref for AadBytes {
     }
 }
 
+#[cfg(test)]
 impl PartialEq for AadBytes {
     fn eq(&self, other: &AadBytes) -> bool {
         **self == **other
     }
 }
 
+#[cfg(test)]
 impl fmt::Debug for AadBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.iter()).finish()
@@ -514,15 +513,28 @@ fn aead_open_with(
     if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(VaultError::Decrypt);
     }
-    let (nonce, body) = sealed.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
-    let mut buf = Zeroizing::new(body.to_vec());
-    let plain_len = key
-        .open_in_place(nonce, Aad::from(aad), &mut buf[..])
-        .map_err(|_| VaultError::Decrypt)?
-        .len();
+    let mut buf = Zeroizing::new(vec![0u8; sealed.len() - NONCE_LEN]);
+    let plain_len = aead_open_into(key, aad, sealed, &mut buf[..])?;
     buf.truncate(plain_len);
     Ok(buf)
+}
+
+/// Opens `sealed` (nonce ‖ ciphertext ‖ tag, at least a nonce and a tag
+/// long) into `out`, which is exactly `sealed` without its nonce long;
+/// returns the plaintext's length (at the start of `out`).
+fn aead_open_into(
+    key: &LessSafeKey,
+    aad: &[u8],
+    sealed: &[u8],
+    out: &mut [u8],
+) -> Result<usize, VaultError> {
+    let (nonce, body) = sealed.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| VaultError::Decrypt)?;
+    out.copy_from_slice(body);
+    let plain = key
+        .open_in_place(nonce, Aad::from(aad), out)
+        .map_err(|_| VaultError::Decrypt)?;
+    Ok(plain.len())
 }
 
 /// Last 4 characters of the secret (for listings: "…k9Xz"); if the secret is shorter than 12 bytes return "" (don't reveal a large fraction). Non-UTF-8 → "".
