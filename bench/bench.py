@@ -760,7 +760,8 @@ def callgrind_summary(path):
     return dict(zip(events, summary + [0] * (len(events) - len(summary))))
 
 
-def callgrind_profile(bindir, requests, http2, out_dir, peer=None, cache_sim=False):
+def callgrind_profile(bindir, requests, http2, out_dir, peer=None, cache_sim=False,
+                      upstream_http2=True):
     """keygate (or peer: (name, binary), a World method's name) under
     callgrind: instructions (user space only, repeatable for the same binary
     and inputs) per keep-alive request, by component; with cache_sim also
@@ -777,7 +778,7 @@ def callgrind_profile(bindir, requests, http2, out_dir, peer=None, cache_sim=Fal
     via = peer[0] if peer else "keygate"
     try:
         world.certs()
-        world.nginx()
+        world.nginx(http2=upstream_http2)
         world.stream = None
         if peer:
             world.keygate()  # oha() reads keygate's pid when no peer is named
@@ -1107,7 +1108,7 @@ def main():
                 else ("floor", args.floor) if args.floor
                 else ("h1-model", args.h1_model) if args.h1_model else None)
         prof = callgrind_profile(args.bin, args.callgrind, args.callgrind_http2, out, peer,
-                                 args.cache_sim)
+                                 args.cache_sim, upstream_http2=not args.upstream_http1)
         tag = callgrind_tag(args.callgrind_http2, peer)
         (out / f"{tag}.json").write_text(json.dumps(prof, indent=2) + "\n")
         md = callgrind_markdown(prof)
