@@ -333,6 +333,10 @@ enum NotHere {
     Partial,
     /// hyper serves it (and everything after it on this connection).
     HandOff,
+    /// A complete head hyper would refuse as malformed (400, in its own
+    /// bare format): refused here, in keygate's error format and audited,
+    /// as a head found malformed before its end is.
+    Malformed,
 }
 
 /// Methods served here; anything else (CONNECT, TRACE, extensions) goes to
@@ -348,6 +352,24 @@ fn plain_method(m: &str) -> Option<Method> {
         "OPTIONS" => Method::OPTIONS,
         _ => return None,
     })
+}
+
+/// The method a malformed head's audit record names: its first word when
+/// that is a method this path serves, else `-` (nothing else in a head
+/// that does not parse is taken as what it claims to be).
+fn malformed_method(head: &[u8]) -> &str {
+    let start = head
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(head.len());
+    let word = head[start..]
+        .split(|b| *b == b' ')
+        .next()
+        .unwrap_or_default();
+    std::str::from_utf8(word)
+        .ok()
+        .filter(|m| plain_method(m).is_some())
+        .unwrap_or("-")
 }
 
 fn digits(v: &[u8]) -> Option<u64> {
@@ -371,9 +393,18 @@ fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
     let len = match parsed.parse_with_uninit_headers(&copy, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         // An empty line httparse does not take as the end (leading blank
-        // lines, say), a malformed or an oversized head: hyper answers
-        // them as it always has.
-        Ok(httparse::Status::Partial) | Err(_) => return Err(NotHere::HandOff),
+        // lines, say), or too many headers (hyper answers 431).
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(NotHere::HandOff)
+        }
+        // HTTP/2 with prior knowledge: hyper serves it (its preface
+        // starts as a head of one line that is not an HTTP/1.1 request
+        // line).
+        Err(httparse::Error::Version) if copy[..] == b"PRI * HTTP/2.0\r\n\r\n"[..] => {
+            return Err(NotHere::HandOff)
+        }
+        // hyper parses with httparse too, and answers these 400.
+        Err(_) => return Err(NotHere::Malformed),
     };
     if parsed.version != Some(1) {
         return Err(NotHere::HandOff);
@@ -386,13 +417,14 @@ fn parse_request(buf: &[u8], from: usize) -> Result<Head, NotHere> {
     if !target.starts_with('/') {
         return Err(NotHere::HandOff);
     }
-    let uri =
-        Uri::from_maybe_shared(copy.slice_ref(target.as_bytes())).map_err(|_| NotHere::HandOff)?;
+    // hyper parses the target the same way, and answers a failure 400.
+    let uri = Uri::from_maybe_shared(copy.slice_ref(target.as_bytes()))
+        .map_err(|_| NotHere::Malformed)?;
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     let mut body_len = None;
     let mut close = false;
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| NotHere::HandOff)?;
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| NotHere::Malformed)?;
         let value = HeaderValue::from_maybe_shared(copy.slice_ref(h.value))
             .map_err(|_| NotHere::HandOff)?;
         if name == header::CONTENT_LENGTH {
@@ -885,15 +917,29 @@ where
             Ok(None) => return End::Closed,
             Err(NotRead::HandOff) => return conn.hand_off(served),
             Err(NotRead::Malformed) => {
-                // hyper would wait for the end of this head (it parses a
-                // head that arrived in pieces only once it is complete).
-                tracing::debug!(host = %dest.host, "malformed request head refused");
+                // Refused at once, audited, and the connection closed (as
+                // hyper closes after a head it cannot parse; it would also
+                // wait for the end of a head that arrives in pieces).
                 let err = GatewayError::new(ErrorCode::BadRequest, "malformed request head");
-                if conn
-                    .write_response(err.to_response(), true, false)
-                    .await
-                    .is_ok()
-                {
+                let log = RequestLog::bare(
+                    malformed_method(&conn.buf),
+                    "https",
+                    &dest.host,
+                    dest.port,
+                    Instant::now(),
+                );
+                let agent = shared
+                    .snapshot
+                    .load()
+                    .agent(&conn.token_hash)
+                    .map(|a| a.name.clone());
+                let nothing_left = Framed {
+                    len: 0,
+                    body_len: 0,
+                    close: true,
+                    head: false,
+                };
+                if let Step::Close = conn.refuse(log, agent, &err, nothing_left).await {
                     let _ = conn.agent.shutdown().await;
                 }
                 return End::Closed;
@@ -976,6 +1022,7 @@ where
                 Ok(head) if head.framed.len > max => return Err(NotRead::HandOff),
                 Ok(head) => return Ok(Some(head)),
                 Err(NotHere::HandOff) => return Err(NotRead::HandOff),
+                Err(NotHere::Malformed) => return Err(NotRead::Malformed),
                 Err(NotHere::Partial) => match lines_well_formed(&self.buf, checked) {
                     Some(upto) => checked = upto,
                     // Refused at once: waiting for its end would hold the
@@ -1462,6 +1509,7 @@ mod tests {
             Ok(h) => h,
             Err(NotHere::Partial) => panic!("partial: {raw:?}"),
             Err(NotHere::HandOff) => panic!("handed off: {raw:?}"),
+            Err(NotHere::Malformed) => panic!("malformed: {raw:?}"),
         }
     }
 
@@ -1517,16 +1565,40 @@ mod tests {
             "CONNECT api.test:443 HTTP/1.1\r\n\r\n",
             "TRACE / HTTP/1.1\r\n\r\n",
             "get / HTTP/1.1\r\n\r\n",
-            // Malformed heads: hyper answers them as it always has.
+            "PROPFIND / HTTP/1.1\r\n\r\n",
+            // HTTP/2 with prior knowledge.
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            // Leading empty lines (hyper skips them).
+            "\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(handed_off(raw), "{raw:?}");
+        }
+        // Too many headers: hyper answers 431.
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(handed_off(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
+    }
+
+    #[test]
+    fn complete_malformed_heads_are_refused_here() {
+        // Each would get hyper's bare 400; here they get keygate's error.
+        for raw in [
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
             "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
             "GET /\0 HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nX: \0\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            "G\u{b1}T / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.7\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
+            "NOT A REQUEST\r\n\r\n",
+            ": no name\r\n\r\n",
         ] {
-            assert!(handed_off(raw), "{raw:?}");
+            assert!(matches!(request(raw), Err(NotHere::Malformed)), "{raw:?}");
         }
-        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
-        assert!(handed_off(&format!("GET / HTTP/1.1\r\n{many}\r\n")));
+        assert_eq!(malformed_method(b"\r\nPOST /x\0 HTTP/1.1\r\n"), "POST");
+        assert_eq!(malformed_method(b"G\xb1T / HTTP/1.1\r\n"), "-");
+        assert_eq!(malformed_method(b"TRACE / HTTP/1.1\r\n"), "-");
+        assert_eq!(malformed_method(b""), "-");
     }
 
     #[test]

@@ -1339,6 +1339,73 @@ async fn a_malformed_head_is_answered_at_once_even_before_it_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_complete_malformed_head_gets_keygates_400_and_an_audit_record() {
+    // Heads that arrive whole and do not parse. hyper would answer its own
+    // bare 400 (no keygate-error, no record); the fast path answers in
+    // SPEC's error format, audits, and closes.
+    let w = world(|_| None).await;
+    let cases: [(&[u8], &str); 4] = [
+        (b"G\xb1T /v1/m1 HTTP/1.1\r\nHost: h1.test\r\n\r\n", "-"),
+        (
+            b"POST /v1/m2 HTTP/1.1\r\nHost: h1.test\r\nX: a\rb\r\n\r\n",
+            "POST",
+        ),
+        (b"GET /v1/m3 HTTP/1.7\r\nHost: h1.test\r\n\r\n", "GET"),
+        (
+            b"GET /v1/m4 HTTP/1.1\r\nHost: h1.test\r\nX: a\r\n folded\r\n\r\n",
+            "GET",
+        ),
+    ];
+    within(async {
+        for (i, (bytes, _)) in cases.iter().enumerate() {
+            let mut c = w.open().await;
+            // The last one follows a request served on the same connection.
+            let served_first = i == cases.len() - 1;
+            if served_first {
+                get_ok(&mut c, "/v1/first").await;
+            }
+            c.send(bytes).await.expect("write");
+            let r = c.read_response(false).await.expect("an answer");
+            if fast_path() {
+                assert_refused(&r, 400, "bad_request");
+            } else {
+                assert_eq!(r.status(), 400, "{r:?}");
+            }
+            // Then the connection closes.
+            let mut rest = Vec::new();
+            let n = tokio::io::AsyncReadExt::read_to_end(&mut c.io, &mut rest)
+                .await
+                .unwrap_or(0);
+            assert_eq!((n, c.buf.len()), (0, 0), "nothing after the 400");
+        }
+        let forwarded: Vec<_> = w.up.recorded().iter().map(|r| r.target()).collect();
+        assert_eq!(forwarded, ["/v1/first"], "nothing malformed forwarded");
+        if !fast_path() {
+            return;
+        }
+        let records = w.audit().await;
+        let refused: Vec<_> = records
+            .iter()
+            .filter(|r| r["reason"] == "bad_request")
+            .collect();
+        let methods: Vec<_> = refused.iter().map(|r| r["method"].clone()).collect();
+        let expected: Vec<_> = cases.iter().map(|(_, m)| serde_json::json!(m)).collect();
+        assert_eq!(
+            methods, expected,
+            "one record per malformed head: {refused:#?}"
+        );
+        for r in refused {
+            assert_eq!(r["status"], 400, "{r}");
+            assert_eq!(r["agent"], "bot", "{r}");
+            assert_eq!(r["host"], HOST, "{r}");
+            assert_eq!(r["path"], "", "{r}");
+            assert_eq!(r["decision"], "error", "{r}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_carried_http1_never_switches_to_http2() {
     // After an HTTP/1.1 exchange, an HTTP/2 preface on the same connection
     // is not HTTP/1.1: hyper alone closes (or answers in HTTP/1.1). It must
