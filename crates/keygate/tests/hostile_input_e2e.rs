@@ -1,0 +1,308 @@
+//! Hostile input against the real binary: random bytes and mutated
+//! requests on the proxy port, and mutated HTTP/1.1 heads inside TLS
+//! tunnels, sent in random pieces. keygate must never panic, never hold a
+//! connection the agent closed, and keep serving; SIGTERM still exits 0.
+//!
+//! The inputs come from a seeded generator: `KEYGATE_FUZZ_SEED=N` replays
+//! a run (the seed is printed), `KEYGATE_FUZZ_CASES=N` sets the count.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{basic_auth, SECRET};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// xorshift64*: small, seeded, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Pieces that make parsers take unusual branches.
+const TOKENS: [&[u8]; 22] = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"\0",
+    b" ",
+    b"\t",
+    b":",
+    b"\r\n\r\n",
+    b"chunked",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked\r\n",
+    b"-1",
+    b"99999999999999999999",
+    b"ffffffffffffffff\r\n",
+    b"\xff\xfe",
+    b"/../",
+    b"%2e%2e/",
+    b"?x=1#f",
+    b"Host: other.test\r\n",
+    b"Connection: close\r\n",
+    b"HTTP/1.0",
+    b"HTTP/2.0",
+];
+
+/// `seed` changed in 1 to 6 places: a byte replaced, a token or random
+/// bytes inserted, a span deleted or repeated.
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..1 + rng.below(6) {
+        let i = rng.below(b.len() + 1);
+        match rng.below(5) {
+            0 if i < b.len() => b[i] = rng.next() as u8,
+            1 => {
+                let t = TOKENS[rng.below(TOKENS.len())];
+                b.splice(i..i, t.iter().copied());
+            }
+            2 => {
+                let end = (i + 1 + rng.below(10)).min(b.len());
+                b.drain(i.min(end)..end);
+            }
+            3 => {
+                let j = rng.below(b.len() + 1);
+                let span = b[i.min(j)..i.max(j)].to_vec();
+                b.splice(i..i, span.into_iter().take(200));
+            }
+            _ => {
+                let n = 1 + rng.below(20);
+                let r = rng.bytes(n);
+                b.splice(i..i, r);
+            }
+        }
+    }
+    b
+}
+
+/// Writes `bytes` in random pieces, then reads until the other side
+/// closes or is quiet for a while. Errors (resets, TLS alerts) are fine.
+/// Returns whether an HTTP/1.1 answer came back.
+async fn send_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    bytes: &[u8],
+    rng: &mut Rng,
+) -> bool {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = 1 + rng.below(rest.len());
+        if io.write_all(&rest[..n]).await.is_err() || io.flush().await.is_err() {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), io.read(&mut buf)).await
+    {
+        if n == 0 {
+            break;
+        }
+        if got.len() < 16 {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    got.starts_with(b"HTTP/1.1 ")
+}
+
+/// What a case did.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Raw,
+    Proxy,
+    /// Heads in a tunnel, and an HTTP/1.1 answer came back.
+    TunnelAnswered,
+    /// Heads in a tunnel, no answer (a head still incomplete, say).
+    Tunnel,
+    /// The proxy port did not accept the connection.
+    Refused,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
+    let w = common::world().await;
+    w.add_openai();
+    let token = w.agent("bot", &["openai"]);
+    let ca = w.kg.ca_pem();
+    let proxy = w.kg.proxy;
+    let seed: u64 = std::env::var("KEYGATE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+        | 1;
+    let cases: usize = std::env::var("KEYGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    println!("KEYGATE_FUZZ_SEED={seed} KEYGATE_FUZZ_CASES={cases}");
+
+    let auth = basic_auth(&token);
+    let proxy_requests: Vec<Vec<u8>> = vec![
+        format!("CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\nProxy-Authorization: {auth}\r\n\r\n").into_bytes(),
+        format!("GET http://api.test/v1/x HTTP/1.1\r\nHost: api.test\r\nProxy-Authorization: {auth}\r\n\r\n").into_bytes(),
+        format!("GET https://api.test/v1/x HTTP/1.1\r\nHost: api.test\r\nProxy-Authorization: {auth}\r\n\r\n").into_bytes(),
+    ];
+    let heads: Vec<&[u8]> = vec![
+        b"GET /v1/x?a=1 HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer placeholder\r\n\r\n",
+        b"POST /v1/y HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /v1/y HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+        b"HEAD /v1/x HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ];
+    let heads = Arc::new(heads);
+    let proxy_requests = Arc::new(proxy_requests);
+    let token = Arc::new(token);
+    let ca = Arc::new(ca);
+
+    let limit = Duration::from_secs(120);
+    tokio::time::timeout(limit, async {
+        let mut set = tokio::task::JoinSet::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(32));
+        for case in 0..cases {
+            let mut rng = Rng(seed
+                .wrapping_add(case as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                | 1);
+            let permit = gate.clone().acquire_owned().await.expect("semaphore");
+            let (heads, proxy_requests, token, ca) = (
+                heads.clone(),
+                proxy_requests.clone(),
+                token.clone(),
+                ca.clone(),
+            );
+            set.spawn(async move {
+                let _permit = permit;
+                match rng.below(4) {
+                    // Random bytes on the proxy port.
+                    0 => {
+                        let Ok(mut tcp) = TcpStream::connect(proxy).await else {
+                            return Kind::Refused;
+                        };
+                        let n = 1 + rng.below(3000);
+                        let bytes = rng.bytes(n);
+                        send_and_drain(&mut tcp, &bytes, &mut rng).await;
+                        Kind::Raw
+                    }
+                    // A mutated proxy request.
+                    1 => {
+                        let Ok(mut tcp) = TcpStream::connect(proxy).await else {
+                            return Kind::Refused;
+                        };
+                        let seed = &proxy_requests[rng.below(proxy_requests.len())];
+                        let bytes = mutate(&mut rng, seed);
+                        send_and_drain(&mut tcp, &bytes, &mut rng).await;
+                        Kind::Proxy
+                    }
+                    // Mutated heads inside a TLS tunnel (HTTP/1.1).
+                    _ => {
+                        let Ok(mut tls) = test_support::agent_tls(
+                            proxy,
+                            "api.test:443",
+                            &token,
+                            "api.test",
+                            &ca,
+                            &[b"http/1.1"],
+                        )
+                        .await
+                        else {
+                            panic!("a plain tunnel was refused")
+                        };
+                        let mut bytes = Vec::new();
+                        for _ in 0..1 + rng.below(3) {
+                            let seed = heads[rng.below(heads.len())];
+                            if rng.below(5) == 0 {
+                                bytes.extend_from_slice(seed);
+                            } else {
+                                bytes.extend(mutate(&mut rng, seed));
+                            }
+                        }
+                        if send_and_drain(&mut tls, &bytes, &mut rng).await {
+                            Kind::TunnelAnswered
+                        } else {
+                            Kind::Tunnel
+                        }
+                    }
+                }
+            });
+        }
+        let mut kinds = std::collections::BTreeMap::new();
+        while let Some(r) = set.join_next().await {
+            *kinds.entry(r.expect("a case task panicked")).or_insert(0) += 1;
+        }
+        println!("cases by kind: {kinds:?}");
+        // Not vacuous: tunnels were opened and heads in them answered.
+        assert!(
+            kinds.get(&Kind::TunnelAnswered).copied().unwrap_or(0) > 0,
+            "{kinds:?}"
+        );
+        assert_eq!(
+            kinds.get(&Kind::Refused),
+            None,
+            "the proxy port refused connections"
+        );
+    })
+    .await
+    .expect("the hostile cases did not finish in time");
+
+    // Every connection the cases opened is closed now: keygate must let go
+    // of its side too, promptly (not at the header-read timeout). Its side
+    // of a connection the agent closed and it did not is CLOSE_WAIT (8).
+    let port = proxy.port();
+    let held = || {
+        test_support::tcp_sockets()
+            .iter()
+            .filter(|s| s.local_port == port && matches!(s.state, 1 | 8))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held(), 0, "keygate still holds closed agents' connections");
+
+    // Still serving, with the credential injected.
+    let seen = w
+        .client(&token)
+        .get("https://api.test/v1/after")
+        .header("authorization", "Bearer placeholder")
+        .send()
+        .await
+        .expect("a request after the hostile input");
+    assert_eq!(seen.status(), 200);
+    let injected = format!("Bearer {SECRET}");
+    assert!(
+        w.up.seen().iter().any(|s| s.target == "/v1/after"
+            && s.headers
+                .iter()
+                .any(|(k, v)| k == "authorization" && *v == injected)),
+        "the request after the hostile input reached the upstream with the credential"
+    );
+
+    let logs = w.kg.logs();
+    assert!(!logs.contains("panicked"), "keygate panicked:\n{logs}");
+    let status = w.kg.stop();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
