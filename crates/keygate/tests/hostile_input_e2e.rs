@@ -1,6 +1,6 @@
 //! Hostile input against the real binary: random bytes and mutated
-//! requests on the proxy port, and mutated HTTP/1.1 heads inside TLS
-//! tunnels, sent in random pieces. keygate must never panic, never hold a
+//! requests on the proxy port, mutated HTTP/1.1 heads inside TLS tunnels
+//! (sent in random pieces), and broken HTTP/2 frames inside TLS tunnels. keygate must never panic, never hold a
 //! connection the agent closed, and keep serving; SIGTERM still exits 0.
 //!
 //! The inputs come from a seeded generator: `KEYGATE_FUZZ_SEED=N` replays
@@ -132,6 +132,8 @@ enum Kind {
     TunnelAnswered,
     /// Heads in a tunnel, no answer (a head still incomplete, say).
     Tunnel,
+    /// Frames in an HTTP/2 tunnel.
+    Http2,
     /// The proxy port did not accept the connection.
     Refused,
 }
@@ -195,7 +197,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
             );
             set.spawn(async move {
                 let _permit = permit;
-                match rng.below(4) {
+                match rng.below(5) {
                     // Random bytes on the proxy port.
                     0 => {
                         let Ok(mut tcp) = TcpStream::connect(proxy).await else {
@@ -215,6 +217,35 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
                         let bytes = mutate(&mut rng, seed);
                         send_and_drain(&mut tcp, &bytes, &mut rng).await;
                         Kind::Proxy
+                    }
+                    // HTTP/2 in a TLS tunnel: the preface, then a mutated
+                    // SETTINGS frame and HEADERS-like frames of random bytes.
+                    2 => {
+                        let Ok(mut tls) = test_support::agent_tls(
+                            proxy,
+                            "api.test:443",
+                            &token,
+                            "api.test",
+                            &ca,
+                            &[b"h2"],
+                        )
+                        .await
+                        else {
+                            panic!("an h2 tunnel was refused")
+                        };
+                        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                        bytes.extend(mutate(&mut rng, b"\0\0\0\x04\0\0\0\0\0"));
+                        for _ in 0..1 + rng.below(3) {
+                            let n = rng.below(300);
+                            // length, type HEADERS or DATA or random, flags, stream 1
+                            bytes.extend_from_slice(&(n as u32).to_be_bytes()[1..]);
+                            bytes.push([0x1, 0x0, rng.next() as u8][rng.below(3)]);
+                            bytes.push(rng.next() as u8);
+                            bytes.extend_from_slice(&[0, 0, 0, 1]);
+                            bytes.extend(rng.bytes(n));
+                        }
+                        send_and_drain(&mut tls, &bytes, &mut rng).await;
+                        Kind::Http2
                     }
                     // Mutated heads inside a TLS tunnel (HTTP/1.1).
                     _ => {
