@@ -1,7 +1,9 @@
 //! Hostile input against the real binary: random bytes and mutated
 //! requests on the proxy port, mutated HTTP/1.1 heads inside TLS tunnels
-//! (sent in random pieces), and broken HTTP/2 frames inside TLS tunnels. keygate must never panic, never hold a
-//! connection the agent closed, and keep serving; SIGTERM still exits 0.
+//! (sent in random pieces), broken HTTP/2 frames inside TLS tunnels, and
+//! mutated responses from an upstream. keygate must never panic, never
+//! hold a connection the agent closed, and keep serving; SIGTERM still
+//! exits 0.
 //!
 //! The inputs come from a seeded generator: `KEYGATE_FUZZ_SEED=N` replays
 //! a run (the seed is printed), `KEYGATE_FUZZ_CASES=N` sets the count.
@@ -11,7 +13,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{basic_auth, SECRET};
+use common::{basic_auth, Keygate, SECRET};
+use test_support::http;
+use test_support::http_body_util::BodyExt;
+use test_support::{empty_body, AgentConn, AgentProto, Reply, ScriptedUpstream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -145,20 +150,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
     let token = w.agent("bot", &["openai"]);
     let ca = w.kg.ca_pem();
     let proxy = w.kg.proxy;
-    let seed: u64 = std::env::var("KEYGATE_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    let cases: usize = std::env::var("KEYGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
-    println!("KEYGATE_FUZZ_SEED={seed} KEYGATE_FUZZ_CASES={cases}");
+    let (seed, cases) = seed_and_cases();
 
     let auth = basic_auth(&token);
     let proxy_requests: Vec<Vec<u8>> = vec![
@@ -184,10 +176,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
         let mut set = tokio::task::JoinSet::new();
         let gate = Arc::new(tokio::sync::Semaphore::new(32));
         for case in 0..cases {
-            let mut rng = Rng(seed
-                .wrapping_add(case as u64)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                | 1);
+            let mut rng = case_rng(seed, case);
             let permit = gate.clone().acquire_owned().await.expect("semaphore");
             let (heads, proxy_requests, token, ca) = (
                 heads.clone(),
@@ -298,21 +287,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
     .await
     .expect("the hostile cases did not finish in time");
 
-    // Every connection the cases opened is closed now: keygate must let go
-    // of its side too, promptly (not at the header-read timeout). Its side
-    // of a connection the agent closed and it did not is CLOSE_WAIT (8).
-    let port = proxy.port();
-    let held = || {
-        test_support::tcp_sockets()
-            .iter()
-            .filter(|s| s.local_port == port && matches!(s.state, 1 | 8))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while held() > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(held(), 0, "keygate still holds closed agents' connections");
+    assert_agents_released(proxy.port()).await;
 
     // Still serving, with the credential injected.
     let seen = w
@@ -332,8 +307,208 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
         "the request after the hostile input reached the upstream with the credential"
     );
 
-    let logs = w.kg.logs();
+    assert_clean_exit(w.kg);
+}
+
+/// Every connection the cases opened is closed now: keygate must let go of
+/// its side too, promptly (not at the header-read timeout). Its side of a
+/// connection the agent closed and it did not is CLOSE_WAIT (8).
+async fn assert_agents_released(proxy_port: u16) {
+    let held = || {
+        test_support::tcp_sockets()
+            .iter()
+            .filter(|s| s.local_port == proxy_port && matches!(s.state, 1 | 8))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held(), 0, "keygate still holds closed agents' connections");
+}
+
+/// No panic in keygate's log, and SIGTERM ends it with status 0.
+fn assert_clean_exit(kg: Keygate) {
+    let logs = kg.logs();
     assert!(!logs.contains("panicked"), "keygate panicked:\n{logs}");
-    let status = w.kg.stop();
+    let status = kg.stop();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
+/// The seed (`KEYGATE_FUZZ_SEED`, else the clock) and the number of cases
+/// (`KEYGATE_FUZZ_CASES`, else 400), printed so a failure can be replayed.
+fn seed_and_cases() -> (u64, usize) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    let seed = var("KEYGATE_FUZZ_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    }) | 1;
+    let cases = var("KEYGATE_FUZZ_CASES").map_or(400, |n| n as usize);
+    println!("KEYGATE_FUZZ_SEED={seed} KEYGATE_FUZZ_CASES={cases}");
+    (seed, cases)
+}
+
+/// The generator for one case of a run.
+fn case_rng(seed: u64, case: usize) -> Rng {
+    Rng(seed
+        .wrapping_add(case as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        | 1)
+}
+
+/// Responses an upstream might send, to be mutated.
+const RESPONSES: [&[u8]; 7] = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the close",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_upstream_responses_never_crash_or_hold_keygate() {
+    // The upstream answers `/v1/fuzz/N` with case N's mutated response,
+    // then closes. Agents ask over HTTP/1.1 (the fast path) or HTTP/2
+    // (hyper's client to this HTTP/1.1-only upstream).
+    let (seed, cases) = seed_and_cases();
+    let up = ScriptedUpstream::start(
+        &["h1.test"],
+        Arc::new(move |target: &str| {
+            let Some(case) = target
+                .strip_prefix("/v1/fuzz/")
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                return Reply::ok("fine");
+            };
+            let mut rng = case_rng(seed, case);
+            let response = RESPONSES[rng.below(RESPONSES.len())];
+            let bytes = if rng.below(5) == 0 {
+                response.to_vec()
+            } else {
+                mutate(&mut rng, response)
+            };
+            Reply::raw(bytes).then_close()
+        }),
+    )
+    .await;
+    let args = [
+        "--allow-net".to_string(),
+        "127.0.0.0/8".to_string(),
+        "--upstream-ca".to_string(),
+        up.ca_file.display().to_string(),
+        "--resolve".to_string(),
+        format!("h1.test:443={}", up.tls_addr),
+    ];
+    let kg = Keygate::start(std::path::Path::new(common::BIN), &args);
+    kg.cli_ok(
+        &[
+            "secret", "add", "up", "--host", "h1.test", "--path", "/v1/*",
+        ],
+        Some(format!("{SECRET}\n").as_bytes()),
+    );
+    let token = kg
+        .cli_ok(&["agent", "create", "bot", "--grant", "up"], None)
+        .trim()
+        .to_string();
+    let (token, ca, proxy) = (Arc::new(token), Arc::new(kg.ca_pem()), kg.proxy);
+
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut set = tokio::task::JoinSet::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(32));
+        for case in 0..cases {
+            let permit = gate.clone().acquire_owned().await.expect("semaphore");
+            let (token, ca) = (token.clone(), ca.clone());
+            set.spawn(async move {
+                let _permit = permit;
+                let target = format!("/v1/fuzz/{case}");
+                if case % 2 == 0 {
+                    let Ok(mut tls) = test_support::agent_tls(
+                        proxy,
+                        "h1.test:443",
+                        &token,
+                        "h1.test",
+                        &ca,
+                        &[b"http/1.1"],
+                    )
+                    .await
+                    else {
+                        panic!("a plain tunnel was refused")
+                    };
+                    let head = format!(
+                        "GET {target} HTTP/1.1\r\nHost: h1.test\r\nAuthorization: Bearer placeholder\r\n\r\n"
+                    );
+                    let mut rng = case_rng(seed, case);
+                    send_and_drain(&mut tls, head.as_bytes(), &mut rng).await
+                } else {
+                    let Ok(mut conn) = AgentConn::open(
+                        proxy,
+                        "h1.test:443",
+                        &token,
+                        "h1.test",
+                        &ca,
+                        AgentProto::Http2,
+                    )
+                    .await
+                    else {
+                        panic!("an h2 tunnel was refused")
+                    };
+                    let req = http::Request::get(format!("https://h1.test{target}"))
+                        .header("authorization", "Bearer placeholder")
+                        .body(empty_body())
+                        .expect("request");
+                    let answered = async {
+                        let resp = conn.send(req).await.ok()?;
+                        let _ = resp.into_body().collect().await;
+                        Some(())
+                    };
+                    tokio::time::timeout(Duration::from_secs(2), answered)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some()
+                }
+            });
+        }
+        let mut answered = 0;
+        while let Some(r) = set.join_next().await {
+            answered += usize::from(r.expect("a case task panicked"));
+        }
+        println!("answered: {answered} of {cases}");
+        assert!(answered > 0, "no case was answered");
+    })
+    .await
+    .expect("the hostile cases did not finish in time");
+
+    assert_agents_released(proxy.port()).await;
+    // Still serving, with the credential injected.
+    let mut conn = AgentConn::open(
+        proxy,
+        "h1.test:443",
+        &token,
+        "h1.test",
+        &ca,
+        AgentProto::Http1,
+    )
+    .await
+    .expect("tunnel");
+    let req = http::Request::get("/v1/after")
+        .header("host", "h1.test")
+        .header("authorization", "Bearer placeholder")
+        .body(empty_body())
+        .expect("request");
+    let resp = conn
+        .send(req)
+        .await
+        .expect("a request after the hostile input");
+    assert_eq!(resp.status(), 200);
+    let last = up.last().expect("the upstream saw it");
+    assert_eq!(last.target(), "/v1/after");
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer {SECRET}"))
+    );
+    assert_clean_exit(kg);
 }
