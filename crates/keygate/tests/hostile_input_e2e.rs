@@ -128,6 +128,22 @@ async fn send_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
     got.starts_with(b"HTTP/1.1 ")
 }
 
+/// A TLS tunnel to `host:443` offering `alpn`; a refusal fails the test.
+async fn tunnel(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    token: &str,
+    ca: &str,
+    alpn: &[u8],
+) -> impl AsyncRead + AsyncWrite + Unpin {
+    test_support::agent_tls(proxy, &format!("{host}:443"), token, host, ca, &[alpn])
+        .await
+        .unwrap_or_else(|e| {
+            let alpn = String::from_utf8_lossy(alpn);
+            panic!("a tunnel offering {alpn} was refused: {e}")
+        })
+}
+
 /// What a case did.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -210,18 +226,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
                     // HTTP/2 in a TLS tunnel: the preface, then a mutated
                     // SETTINGS frame and HEADERS-like frames of random bytes.
                     2 => {
-                        let Ok(mut tls) = test_support::agent_tls(
-                            proxy,
-                            "api.test:443",
-                            &token,
-                            "api.test",
-                            &ca,
-                            &[b"h2"],
-                        )
-                        .await
-                        else {
-                            panic!("an h2 tunnel was refused")
-                        };
+                        let mut tls = tunnel(proxy, "api.test", &token, &ca, b"h2").await;
                         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
                         bytes.extend(mutate(&mut rng, b"\0\0\0\x04\0\0\0\0\0"));
                         for _ in 0..1 + rng.below(3) {
@@ -238,18 +243,7 @@ async fn hostile_bytes_and_heads_never_crash_or_hold_keygate() {
                     }
                     // Mutated heads inside a TLS tunnel (HTTP/1.1).
                     _ => {
-                        let Ok(mut tls) = test_support::agent_tls(
-                            proxy,
-                            "api.test:443",
-                            &token,
-                            "api.test",
-                            &ca,
-                            &[b"http/1.1"],
-                        )
-                        .await
-                        else {
-                            panic!("a plain tunnel was refused")
-                        };
+                        let mut tls = tunnel(proxy, "api.test", &token, &ca, b"http/1.1").await;
                         let mut bytes = Vec::new();
                         for _ in 0..1 + rng.below(3) {
                             let seed = heads[rng.below(heads.len())];
@@ -425,18 +419,7 @@ async fn hostile_upstream_responses_never_crash_or_hold_keygate() {
                 let _permit = permit;
                 let target = format!("/v1/fuzz/{case}");
                 if case % 2 == 0 {
-                    let Ok(mut tls) = test_support::agent_tls(
-                        proxy,
-                        "h1.test:443",
-                        &token,
-                        "h1.test",
-                        &ca,
-                        &[b"http/1.1"],
-                    )
-                    .await
-                    else {
-                        panic!("a plain tunnel was refused")
-                    };
+                    let mut tls = tunnel(proxy, "h1.test", &token, &ca, b"http/1.1").await;
                     let head = format!(
                         "GET {target} HTTP/1.1\r\nHost: h1.test\r\nAuthorization: Bearer placeholder\r\n\r\n"
                     );
